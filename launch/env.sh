@@ -1,0 +1,26 @@
+# Sourced by launch/demo.sh and launch/test.sh: make sure a Python environment with BuPO installed is active.
+# Uses the active virtualenv if there is one, else creates ./.venv. Installs torch==$BUPO_TORCH (default 2.13.0)
+# only when no torch is importable, so a CPU machine never pulls the CUDA wheels and a GPU machine keeps its own.
+# Usage: BUPO_EXTRAS=test . launch/env.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+    if [ ! -x .venv/bin/python ]; then
+        echo "[bupo] creating virtualenv .venv"
+        python3 -m venv .venv
+    fi
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+fi
+pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
+if ! python -c "import torch" >/dev/null 2>&1; then
+    echo "[bupo] installing torch==${BUPO_TORCH:-2.13.0}"
+    pip_q "torch==${BUPO_TORCH:-2.13.0}"
+fi
+extras="${BUPO_EXTRAS:-}"
+stamp="$VIRTUAL_ENV/.bupo-installed-$(cat pyproject.toml | sha1sum | cut -c1-12)-${extras//,/_}"
+if [ ! -f "$stamp" ]; then
+    echo "[bupo] installing bupo${extras:+[$extras]} (editable)"
+    pip_q -e ".${extras:+[$extras]}"
+    touch "$stamp"
+fi
