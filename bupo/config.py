@@ -1,0 +1,260 @@
+"""Run configuration: one stdlib dataclass per concern, a TOML run file, and `--section.field=value` overrides.
+
+Every default is the paper recipe for Qwen3-4B as the reference scripts run it (DESIGN.md section 1), so a run file
+only states what differs. `load_config(argv)` returns the resolved `Config`; `Config.validate(num_layers)` checks the
+values that need the model (the internal layer) once the model is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2"  # HF folder (config.json + safetensors), or "smollm2": the packaged SmolLM2-135M-Instruct
+    dtype: str = "bfloat16"  # compute dtype on CUDA (master weights stay fp32); CPU always computes in float32
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
+    compile: bool = False  # torch.compile each decoder layer (CUDA only)
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: ["deepmath-5k"])  # dataset names, parquet paths or "arithmetic"
+    val_files: list[str] = field(default_factory=lambda: ["amc2023", "math500", "aime_2024", "aime_2025"])
+    batch_size: int = 128  # prompts per step (global, over all ranks)
+    max_prompt_length: int = 1024  # prompt tokens; longer prompts are truncated or dropped
+    truncation: str = "left"  # "left": keep the prompt's end; "drop": skip the row
+    enable_thinking: bool = True  # Qwen3 chat template: False appends an empty <think></think> block
+    chat_template: str = ""  # raw Jinja template for base models (empty: the tokenizer's own)
+    arithmetic_size: int = 2000  # rows of the built-in arithmetic task when a file is "arithmetic"
+    arithmetic_max_operand: int = 20  # operands of the arithmetic task are drawn from [0, this]
+    val_max_prompts: int = 0  # cap on prompts per validation set (0: all)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "auto"  # "builtin", "vllm", or "auto" (vllm on CUDA when installed, else builtin)
+    n: int = 8  # samples per prompt (the GRPO group size G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k
+    max_new_tokens: int = 8192  # response budget; longer responses are truncated (and count as truncated)
+    max_batch_size: int = 64  # built-in engine: sequences decoded together
+    gpu_memory_utilization: float = 0.5  # vLLM: share of GPU memory for weights + KV cache
+    tensor_parallel_size: int = 1  # vLLM tensor parallel size inside each engine
+    tis_cap: float = 0.0  # truncated importance sampling cap for the sampler/trainer mismatch (0: off)
+
+
+@dataclass
+class AlgoConfig:
+    adv_estimator: str = "grpo"  # "grpo", "rloo" or "reinforce_pp"
+    norm_adv_by_std: bool = True  # GRPO: divide by the group std (False: Dr.GRPO)
+    adv_eps: float = 1e-6
+    filter_zero_variance: bool = False  # drop groups whose rewards are all equal (their advantage is 0 anyway)
+    clip_low: float = 0.2  # ratio clip [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
+    dual_clip: float = 10.0  # dual-clip constant c for negative advantages (0: off)
+    kl_coef: float = 0.0  # k3 KL to the initial policy (0: no reference model is kept)
+    entropy_coef: float = 0.0  # entropy bonus on the optimized policy
+    ppo_mini_batch_size: int = 32  # prompts per optimizer step (global); batch_size / this = updates per step
+    micro_batch_tokens: int = 16384  # token budget of one packed micro-batch per rank
+
+
+@dataclass
+class BuPOConfig:
+    internal_layer: int | str = 5  # k, 0-based (paper layer k+1); "auto": the entropy-flow boundary layer
+    iterative_steps: int = 30  # s_inter: steps 1..s_inter optimize pi^k; 0 = plain GRPO
+    norm: bool = False  # apply the final norm to h_k (the paper's ablation; worse)
+    auto_prompts: int = 16  # internal_layer = "auto": prompts whose responses feed the entropy flow
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0  # linear warm-up, then constant
+    grad_clip: float = 1.0  # max global grad norm (0: off)
+
+
+@dataclass
+class TrainerConfig:
+    out_dir: str = "runs/bupo"  # metrics.jsonl, config.json, checkpoints/, final/ go here; rerun resumes
+    total_steps: int = 300
+    seed: int = 0
+    save_every: int = 50  # checkpoint period in steps (0: only the final export)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    val_every: int = 0  # validation period in steps (0: off)
+    val_n: int = 4  # samples per validation prompt (avg@val_n)
+    val_max_new_tokens: int = 0  # 0: rollout.max_new_tokens
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    threads: int = 0  # torch CPU threads per process (0: torch's default)
+    plot: bool = True  # write reward/entropy curves to out_dir/curves.png at the end
+    wandb: bool = False  # log to Weights & Biases when installed
+    tensorboard: bool = False  # log to TensorBoard when installed
+    export: bool = True  # write out_dir/final/ (HF folder) at the end
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    bupo: BuPOConfig = field(default_factory=BuPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, num_layers: int | None = None) -> None:
+        """Raise ValueError naming the field for every invalid value; `num_layers` enables the layer check."""
+        _validate(self, num_layers)
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is invalid; valid values: {', '.join(valid)}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}={value!r} is invalid; it must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _validate(c: Config, num_layers: int | None) -> None:
+    _choice("model.dtype", c.model.dtype, ("bfloat16", "float16", "float32"))
+    _choice("data.truncation", c.data.truncation, ("left", "drop"))
+    _choice("rollout.engine", c.rollout.engine, ("auto", "builtin", "vllm"))
+    _choice("algo.adv_estimator", c.algo.adv_estimator, ("grpo", "rloo", "reinforce_pp"))
+    _choice("trainer.device", c.trainer.device, ("auto", "cpu", "cuda"))
+    for name in ("data.batch_size", "rollout.n", "rollout.max_new_tokens", "algo.ppo_mini_batch_size",
+                 "algo.micro_batch_tokens", "trainer.total_steps", "data.max_prompt_length"):
+        section, key = name.split(".")
+        _positive(name, getattr(getattr(c, section), key))
+    for name in ("algo.clip_low", "algo.clip_high", "algo.dual_clip", "algo.kl_coef", "optim.lr",
+                 "optim.weight_decay", "optim.grad_clip", "trainer.save_every", "trainer.val_every",
+                 "bupo.iterative_steps", "rollout.tis_cap", "rollout.top_p"):
+        section, key = name.split(".")
+        _positive(name, getattr(getattr(c, section), key), allow_zero=True)
+    if c.algo.clip_low >= 1:
+        raise ValueError(f"algo.clip_low={c.algo.clip_low} is invalid; it must be in [0, 1)")
+    if 0 < c.algo.dual_clip <= 1:
+        raise ValueError(f"algo.dual_clip={c.algo.dual_clip} is invalid; it must be > 1 (or 0 to disable)")
+    if c.rollout.temperature <= 0:
+        raise ValueError(f"rollout.temperature={c.rollout.temperature} is invalid; it must be > 0")
+    if c.rollout.top_p > 1:
+        raise ValueError(f"rollout.top_p={c.rollout.top_p} is invalid; it must be in (0, 1]")
+    if c.rollout.n < 2 and c.algo.adv_estimator in ("grpo", "rloo"):
+        raise ValueError(f"rollout.n={c.rollout.n} is invalid for algo.adv_estimator={c.algo.adv_estimator!r}; "
+                         "group baselines need at least 2 samples per prompt")
+    if c.data.batch_size % c.algo.ppo_mini_batch_size:
+        raise ValueError(f"data.batch_size={c.data.batch_size} must be a multiple of "
+                         f"algo.ppo_mini_batch_size={c.algo.ppo_mini_batch_size}")
+    if c.bupo.iterative_steps > c.trainer.total_steps:
+        raise ValueError(f"bupo.iterative_steps={c.bupo.iterative_steps} is invalid; it must be <= "
+                         f"trainer.total_steps={c.trainer.total_steps} (0 = plain GRPO)")
+    if not c.data.train_files:
+        raise ValueError("data.train_files is empty; name at least one dataset, parquet path or 'arithmetic'")
+    k = c.bupo.internal_layer
+    if isinstance(k, str):
+        if k != "auto":
+            raise ValueError(f"bupo.internal_layer={k!r} is invalid; use a 0-based layer index or 'auto'")
+    elif k < 0 or (num_layers is not None and k >= num_layers):
+        valid = f"0..{num_layers - 1}" if num_layers is not None else ">= 0"
+        raise ValueError(f"bupo.internal_layer={k} is invalid; the model has {num_layers} layers, valid: {valid} "
+                         "(0-based; paper layer = k + 1) or 'auto'")
+
+
+# --- parsing ----------------------------------------------------------------------------------------------------
+
+def _parse_value(name: str, text: str, typ) -> object:
+    """Parse an override string into the field's type (bool, int, float, str, list[str], int | str)."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):  # int | str: an int if it parses as one
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if typ is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}={text!r}: expected a boolean (true/false)")
+    if origin is list:
+        text = text.strip()
+        if text.startswith("["):
+            return [str(x) for x in json.loads(text)]
+        return [s.strip() for s in text.split(",") if s.strip()]
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"--{name}={text!r}: expected {typ.__name__}") from None
+
+
+def _set(cfg: Config, name: str, value: object, from_text: bool) -> None:
+    parts = name.split(".")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ValueError(f"unknown config key {name!r}; keys are <section>.<field> with sections "
+                         f"{', '.join(sections)}")
+    section = getattr(cfg, parts[0])
+    hints = typing.get_type_hints(type(section))
+    if parts[1] not in hints:
+        raise ValueError(f"unknown config key {name!r}; fields of [{parts[0]}]: {', '.join(hints)}")
+    typ = hints[parts[1]]
+    if from_text:
+        value = _parse_value(name, str(value), typ)
+    elif typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif typ in (int, float, str, bool) and not isinstance(value, typ):
+        raise ValueError(f"{name}={value!r} in the config file: expected {typ.__name__}")
+    setattr(section, parts[1], value)
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Parse `--config FILE.toml` and `--section.field=value` overrides (later ones win) into a Config."""
+    p = argparse.ArgumentParser(prog="python -m bupo.train", description="GRPO / BuPO trainer",
+                                epilog="Any config field can be overridden as --section.field=value, "
+                                       "e.g. --bupo.internal_layer=5 --trainer.total_steps=10.")
+    p.add_argument("--config", type=Path, help="TOML run file (see launch/configs/)")
+    args, rest = p.parse_known_args(argv)
+    cfg = Config()
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ValueError(f"--config {args.config}: no such file")
+        with open(args.config, "rb") as f:
+            for section, values in tomllib.load(f).items():
+                if not isinstance(values, dict):
+                    raise ValueError(f"{args.config}: top-level key {section!r} must be a [section] table")
+                for key, value in values.items():
+                    _set(cfg, f"{section}.{key}", value, from_text=False)
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; overrides look like --section.field=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(rest):
+            key, value = arg[2:], rest[i + 1]
+            i += 1
+        else:
+            raise ValueError(f"override {arg!r} has no value")
+        _set(cfg, key, value, from_text=True)
+        i += 1
+    cfg.validate()
+    return cfg

@@ -1,0 +1,111 @@
+"""Advantages and the clipped policy-gradient loss shared by GRPO and BuPO: pure functions over tensors.
+
+Legend: S = sequences (prompts x samples), N = response tokens of a packed micro-batch (flat), G = group size.
+
+How BuPO differs from GRPO (paper arXiv 2512.19673, eqs. 12-15):
+  1. For steps 1..s_inter the policy being optimized is the internal layer policy pi^k = softmax(h_k E^T / T) of the
+     raw residual stream after layer k (no final norm), for BOTH the new and the old log-probs:
+     ratio = pi^k(y) / pi^k_old(y). The rollouts still come from the full policy.
+  2. Only layers 0..k and E receive gradient in phase one (the gradient of pi^k cannot reach anything above k).
+  3. From step s_inter + 1 on it is plain GRPO on the full policy. The loss below is the same in both phases; only
+     the log-probs fed to it differ.
+
+How this implementation differs from the paper's reference code (a verl fork):
+  1. Phase one runs layers 0..k only (forward and backward); the reference runs the whole model and builds both the
+     layer-k and the final [tokens, vocab] logits.
+  2. Log-probs and entropies come from a fused kernel on hidden states; no [tokens, vocab] tensor is kept.
+  3. The logged `entropy` is the entropy of the policy being optimized (pi^k in phase one); the reference logs the
+     final layer's entropy in phase one.
+  4. Layers above k and the final norm are never handed to the optimizer step in phase one, so weight decay cannot
+     touch them (the reference decays the final norm with a zero gradient).
+  5. The token mean is over the global response-token count of the optimizer step (all micro-batches, all ranks),
+     passed in explicitly, rather than a per-micro-batch mean.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str = "grpo", norm_by_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Per-sequence advantages [S] from rewards [S] laid out prompt-major (G consecutive samples per prompt).
+
+    grpo:          (r_i - mean_g r) / (std_g r + eps)   (std is the unbiased sample std, as torch.std; Dr.GRPO: no
+                   division when norm_by_std=False)
+    rloo:          r_i - mean_{j != i} r_j  (leave-one-out baseline)
+    reinforce_pp:  (r_i - mean_batch r) / (std_batch r + eps)  (REINFORCE++: global whitening, no group baseline;
+                   callers with per-token whitening pass token-weighted rewards)
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
+                         f"got shape {tuple(rewards.shape)}")
+    r = rewards.float()
+    if estimator == "reinforce_pp":
+        return (r - r.mean()) / (r.std() + eps) if r.numel() > 1 else torch.zeros_like(r)
+    g = r.view(-1, group_size)  # [P, G]
+    if estimator == "grpo":
+        adv = g - g.mean(dim=1, keepdim=True)
+        if norm_by_std:
+            adv = adv / (g.std(dim=1, keepdim=True) + eps)
+    elif estimator == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs group_size >= 2")
+        adv = g * group_size / (group_size - 1) - g.sum(dim=1, keepdim=True) / (group_size - 1)
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; valid: grpo, rloo, reinforce_pp")
+    return adv.reshape(-1)
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Bool [P]: groups whose rewards are all equal (their GRPO advantage is 0: no learning signal)."""
+    g = rewards.view(-1, group_size)
+    return (g == g[:, :1]).all(dim=1)
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *, global_tokens: float,
+                clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float = 10.0,
+                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
+                ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate summed over the N tokens given and divided by `global_tokens`.
+
+    logp, old_logp, advantages, entropy, ref_logp, is_weights: [N] over the response tokens of this micro-batch.
+    Per token, with r = exp(logp - old_logp) and A the advantage:
+        l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
+        l = min(l, -A c) where A < 0 and c = dual_clip > 0          (dual clip bounds the loss of bad actions)
+        l = l * is_weight                                           (truncated importance sampling, optional)
+        l = l - entropy_coef * H + kl_coef * k3(ref, new)            (k3 = exp(ref - new) - (ref - new) - 1)
+    loss = sum(l) / global_tokens, so summing the losses of all micro-batches (and ranks) gives the token mean of
+    the whole optimizer step. Metrics are sums over the tokens given (divide by global_tokens after reducing).
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logp.dtype)
+    loss1 = -adv * ratio
+    loss2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped = torch.maximum(loss1, loss2)
+    per_token = clipped
+    dual = torch.zeros_like(clipped, dtype=torch.bool)
+    if dual_clip > 0:
+        dual = (adv < 0) & (clipped > -adv * dual_clip)
+        per_token = torch.where(adv < 0, torch.minimum(clipped, -adv * dual_clip), clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    metrics = {
+        "pg_loss": per_token.detach().sum(),
+        "clip_frac": (loss2 > loss1).float().sum(),
+        "dual_clip_frac": dual.float().sum(),
+        "approx_kl": (-log_ratio).detach().sum(),
+    }
+    if entropy is not None:
+        metrics["entropy"] = entropy.detach().sum()
+        if entropy_coef:
+            per_token = per_token - entropy_coef * entropy
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1.0
+        metrics["kl_ref"] = kl.detach().sum()
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+    return per_token.sum() / global_tokens, metrics

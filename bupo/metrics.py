@@ -1,0 +1,110 @@
+"""Step metrics: metrics.jsonl (one object per step), a one-line console summary, optional wandb / TensorBoard,
+and the reward / entropy curve PNG written at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import resource
+import warnings
+from pathlib import Path
+
+import torch
+
+SUMMARY_KEYS = ("phase", "reward_mean", "accuracy", "entropy", "loss", "grad_norm", "clip_frac", "response_len_mean",
+                "tokens_per_s")
+
+
+def peak_mem_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Appends step records on rank 0; on resume drops records past the restored step (they will be redone)."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool, resume_step: int = 0, wandb: bool = False,
+                 tensorboard: bool = False, config: dict | None = None):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._wandb = self._tb = None
+        if not enabled:
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if wandb:
+            try:
+                import wandb as wb
+                self._wandb = wb.init(project="bupo", dir=str(out_dir), config=config, resume="allow")
+            except ImportError:
+                warnings.warn("trainer.wandb=true but wandb is not installed; logging to metrics.jsonl only")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except ImportError:
+                warnings.warn("trainer.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=record["step"])
+        if self._tb is not None:
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def summary_line(record: dict) -> str:
+    parts = [f"step {record['step']:>4}"]
+    for k in SUMMARY_KEYS:
+        v = record.get(k)
+        if v is None:
+            continue
+        parts.append(f"{k}={v}" if isinstance(v, str) else f"{k}={v:.4g}")
+    return "  ".join(parts)
+
+
+def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """Reward and entropy (of the optimized policy) per step; the phase switch is marked. Needs matplotlib."""
+    if not records:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "reward_mean", "mean reward"), (axes[1], "entropy", "entropy (optimized policy)")):
+        ax.plot(steps, [r.get(key, float("nan")) for r in records], marker="o", ms=3)
+        internal = [r["step"] for r in records if r.get("phase") == "internal"]
+        if internal:
+            ax.axvspan(min(internal) - 0.5, max(internal) + 0.5, color="tab:orange", alpha=0.15,
+                       label="phase one (pi^k)")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel("training step (1-based)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+
+from bupo.loss import group_advantages, policy_loss, zero_variance_groups
+
+
+def test_grpo_advantages_hand_computed():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(r, 4)
+    # group 1: mean 0.25, unbiased std sqrt(0.25) = 0.5
+    assert torch.allclose(adv[:4], torch.tensor([1.5, -0.5, -0.5, -0.5]), rtol=1e-5)
+    assert torch.equal(adv[4:], torch.zeros(4))  # zero-variance group: 0 / (0 + eps) is 0
+    dr = group_advantages(r, 4, norm_by_std=False)
+    assert torch.allclose(dr[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+
+
+def test_rloo_and_reinforce_pp():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    rloo = group_advantages(r, 4, estimator="rloo")
+    # i=0: 1 - mean(0, 0, 1) = 2/3; i=1: 0 - mean(1, 0, 1) = -2/3
+    assert torch.allclose(rloo, torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+    rpp = group_advantages(r, 2, estimator="reinforce_pp", eps=0.0)
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()
+    assert torch.allclose(rpp, (r - 0.5) / std)
+
+
+def test_bad_advantage_inputs():
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.ones(5), 4)
+    with pytest.raises(ValueError, match="estimator"):
+        group_advantages(torch.ones(4), 4, estimator="ppo")
+
+
+def test_zero_variance_groups():
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    assert zero_variance_groups(r, 2).tolist() == [True, False, True]
+
+
+def test_policy_loss_hand_computed():
+    # token 0: A=+1, ratio e^0.5 > 1.2 -> clipped at 1.2 -> loss -1.2
+    # token 1: A=-1, ratio e^-0.5 = 0.607 < 0.8 -> max(0.607, 0.8) = 0.8
+    # token 2: A=-1, ratio e^3 = 20.1 -> max(20.1, 0.8) = 20.1, dual clip c=10 -> 10
+    # token 3: A=+2, ratio 1 -> -2
+    logp = torch.tensor([0.5, -0.5, 3.0, 0.0])
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, -1.0, -1.0, 2.0])
+    loss, m = policy_loss(logp, old, adv, global_tokens=8.0, clip_low=0.2, clip_high=0.2, dual_clip=10.0)
+    expected = (-1.2 + 0.8 + 10.0 - 2.0) / 8.0
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+    assert m["clip_frac"].item() == 2.0  # tokens 0 and 1
+    assert m["dual_clip_frac"].item() == 1.0
+    assert math.isclose(m["approx_kl"].item(), -3.0, rel_tol=1e-6)
+
+
+def test_policy_loss_gradient_is_token_mean_over_global_count():
+    logp = torch.zeros(3, requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    loss, _ = policy_loss(logp, logp.detach(), adv, global_tokens=6.0)
+    loss.backward()
+    # at ratio 1 the unclipped branch is active: d(-A r)/dlogp = -A
+    assert torch.allclose(logp.grad, -adv / 6.0)
+
+
+def test_entropy_bonus_and_k3_kl():
+    logp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    ent = torch.tensor([0.5, 1.5])
+    ref = torch.tensor([-1.0, -1.0])
+    loss, m = policy_loss(logp, logp.detach(), torch.zeros(2), global_tokens=2.0, entropy=ent, entropy_coef=0.1,
+                          ref_logp=ref, kl_coef=0.5)
+    kl = (torch.exp(ref - logp) - (ref - logp) - 1).detach()
+    assert math.isclose(loss.item(), (-(0.1 * ent).sum() + 0.5 * kl.sum()).item() / 2.0, rel_tol=1e-6)
+    assert math.isclose(m["kl_ref"].item(), kl.sum().item(), rel_tol=1e-6)
+    assert kl[0].item() == 0.0 and kl[1].item() > 0.0
