@@ -1,0 +1,239 @@
+"""vLLM rollout engine for GPUs: one in-process `vllm.LLM` per torchrun rank, sleep mode, in-place weight sync.
+
+Every vLLM call of the project lives in this file, each with a comment naming the vLLM API it relies on.
+Supported vLLM: >= 0.10.2 (needs `logprobs_mode="processed_logprobs"`, which 0.10.0 lacks), < 0.34 (the gpu extra
+pins this range).
+`vllm` is imported only when a VLLMEngine is built, so importing this module needs no vllm (and no GPU).
+
+How it fits the trainer (bupo/train.py):
+- Colocated: every rank of the torchrun job builds its own engine with `distributed_executor_backend=
+  "external_launcher"` (the engine lives in the trainer process and reuses its process group; vLLM requires
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 for it, which we set). With tensor_parallel_size = t > 1, consecutive groups of
+  t ranks form one engine; they must submit identical requests, so `generate` gathers the group's prompts, every
+  member generates all of them (same seeds -> same tokens) and keeps its own share.
+- Sleep mode (level 1: weights backed up to CPU, KV cache dropped) between rollouts, so the update has the GPU.
+- `update_weights` after each update, while the KV cache is released: wake_up(weights) -> load_weights bucket by
+  bucket, in memory (never from disk) -> reset the prefix cache (cached KV was computed by the old weights) ->
+  wake_up(kv_cache). `generate` wakes the engine itself if it is asleep (validation runs right after a sync).
+- Sampling is masked to the tokenizer's real vocabulary (`allowed_token_ids`) when the checkpoint pads its
+  embedding (Qwen: 151669 real tokens of 151936 rows), and log-probs are vLLM's "processed" ones (after temperature
+  and the mask), i.e. of the distribution the token was drawn from. Every sample is its own n=1 request seeded with
+  `bupo.rollout.sequence_seed(params.seed, prompt index, sample index)`, as in the built-in engine, so a sample does
+  not depend on the batch it lands in (vLLM shares the prompt's KV between its samples through the prefix cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from bupo.rollout import Sample, SamplingParams, sequence_seed
+from bupo.weight_sync import DEFAULT_BUCKET_BYTES, chunk_by_bytes
+
+VLLM_RANGE = ">=0.10.2,<0.34"
+
+
+def logprob_mismatch(sampler_logp: torch.Tensor, trainer_logp: torch.Tensor,
+                     tis_cap: float = 0.0) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Sampler/trainer disagreement on the sampled tokens, and truncated importance-sampling weights.
+
+    sampler_logp, trainer_logp: [N] log-probs of the same response tokens (the engine's and the trainer's, both
+    under the full policy at the sampling temperature). Returns (weights, metrics): weights = min(exp(trainer -
+    sampler), tis_cap) [N] fp32 when tis_cap > 0 (the `rollout.tis_cap` correction), else None; metrics:
+    logp_mismatch (mean |sampler - trainer|), logp_mismatch_max, ratio_mean (mean exp(trainer - sampler), 1 when
+    the two agree) and, with a cap, tis_clip_frac (share of tokens whose weight was capped).
+    """
+    if sampler_logp.shape != trainer_logp.shape:
+        raise ValueError(f"sampler_logp {tuple(sampler_logp.shape)} and trainer_logp {tuple(trainer_logp.shape)} "
+                         "must have the same shape")
+    d = trainer_logp.float() - sampler_logp.float().to(trainer_logp.device)  # [N]
+    if d.numel() == 0:
+        return (d if tis_cap > 0 else None), {"logp_mismatch": 0.0, "logp_mismatch_max": 0.0, "ratio_mean": 1.0}
+    ratio = d.exp()
+    metrics = {"logp_mismatch": float(d.abs().mean()), "logp_mismatch_max": float(d.abs().max()),
+               "ratio_mean": float(ratio.mean())}
+    if tis_cap <= 0:
+        return None, metrics
+    metrics["tis_clip_frac"] = float((ratio > tis_cap).float().mean())
+    return ratio.clamp(max=tis_cap), metrics
+
+
+def _require_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"rollout.engine='vllm' needs vLLM {VLLM_RANGE} on a CUDA machine: pip install -e '.[gpu]' "
+                          "(or use rollout.engine='builtin', which runs everywhere)") from e
+    return vllm
+
+
+def _launcher_env() -> None:
+    """vLLM's external launcher reads the torchrun variables; fill them in for a plain single-process run."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for key, value in (("RANK", rank), ("LOCAL_RANK", 0), ("WORLD_SIZE", world), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, str(value))
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    # vLLM asserts this for the external launcher: the engine core must run in this process
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+class VLLMEngine:
+    """Engine protocol of bupo.rollout on vLLM. Construct on every rank at the same time (it is collective).
+
+    seed: the engine seed; equal on the ranks of one tensor-parallel group (per-request seeds do the sampling).
+    vocab_size: the tokenizer's real vocabulary; sampling is masked to ids < vocab_size when the checkpoint's
+    embedding has more rows. bucket_bytes: the size of one load_weights call during a sync.
+    """
+
+    def __init__(self, model_path: str, *, seed: int, dtype: torch.dtype | str = torch.bfloat16,
+                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, max_model_len: int = 4096,
+                 vocab_size: int | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 enforce_eager: bool = False, **engine_kwargs) -> None:
+        vllm = _require_vllm()
+        if not torch.cuda.is_available():
+            raise ValueError("rollout.engine='vllm' needs a CUDA device; use rollout.engine='builtin' on CPU")
+        if not 0 < gpu_memory_utilization < 1:
+            raise ValueError(f"rollout.gpu_memory_utilization={gpu_memory_utilization} is invalid; it must be in "
+                             "(0, 1): the share of GPU memory for vLLM's weights and KV cache")
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+        model_vocab = int(cfg["vocab_size"])
+        if vocab_size is not None and vocab_size > model_vocab:
+            raise ValueError(f"tokenizer vocab_size={vocab_size} exceeds the model's {model_vocab} embedding rows")
+        self.allowed_token_ids = list(range(vocab_size)) if vocab_size and vocab_size < model_vocab else None
+        self.tp = tensor_parallel_size
+        self.bucket_bytes = bucket_bytes
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+        _launcher_env()
+        # vllm.LLM(...) (vllm.entrypoints.llm.LLM): external_launcher = one worker inside this torchrun process
+        # (vllm.v1.executor ExecutorWithExternalLauncher, env:// rendezvous from RANK/LOCAL_RANK); enable_sleep_mode
+        # = CuMem-tagged allocations that sleep()/wake_up(tags) release; logprobs_mode (EngineArgs field, added in
+        # 0.10.x; "processed_logprobs" = after temperature, top-k/p and the allowed-token mask)
+        self.llm = vllm.LLM(
+            model=str(model_path), tokenizer=str(model_path), dtype=str(self.dtype).removeprefix("torch."),
+            seed=seed, tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, enable_sleep_mode=True,
+            enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", **engine_kwargs)
+        self._state = "awake"  # "awake" | "asleep" (weights offloaded, KV dropped) | "weights" (KV still dropped)
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        """len(prompts) * params.n samples, prompt-major, with the sampling log-prob of every response token."""
+        if params.layer is not None:
+            raise ValueError(f"internal-policy sampling (layer={params.layer}) is only supported by the built-in "
+                             "engine; the vLLM engine samples the full policy (rollout.engine='builtin' for pi^k)")
+        params.validate()
+        self.wake_up()
+        groups, mine = self._tp_gather(prompts, params.seed)
+        requests, sps = self._requests(groups, params)
+        if not requests:
+            return []
+        # LLM.generate(prompts, sampling_params, use_tqdm): one SamplingParams per request, outputs in request order
+        outputs = self.llm.generate(requests, sps, use_tqdm=False)
+        start = sum(len(g[0]) for g in groups[:mine]) * params.n
+        mine_out = outputs[start:start + len(prompts) * params.n]
+        return [_to_sample(out, prompts[k // params.n], k // params.n, k % params.n) for k, out in enumerate(mine_out)]
+
+    def _requests(self, groups: list[tuple[list[list[int]], int]], params: SamplingParams) -> tuple[list, list]:
+        """vLLM prompts + SamplingParams, one n=1 request per sample, for the (prompts, seed) of every member of
+        the TP group (one member when tensor_parallel_size == 1), members back to back, each prompt-major."""
+        from vllm import SamplingParams as VSamplingParams  # vllm.SamplingParams (top-level export)
+
+        requests, sps = [], []
+        for member_prompts, seed in groups:
+            for p, ids in enumerate(member_prompts):
+                # vllm.inputs.TokensPrompt is a TypedDict: {"prompt_token_ids": [...]} (no tokenization by vLLM)
+                prompt = {"prompt_token_ids": list(ids)}
+                for s in range(params.n):
+                    requests.append(prompt)
+                    # SamplingParams: seed = this request's own generator; logprobs=0 = the sampled token's
+                    # log-prob only; detokenize=False (we decode with our tokenizer); top_k -1 = off in every
+                    # supported version; allowed_token_ids = whitelist applied to the logits before sampling
+                    sps.append(VSamplingParams(
+                        n=1, temperature=params.temperature, top_p=params.top_p,
+                        top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
+                        seed=sequence_seed(seed, p, s), logprobs=0, stop_token_ids=list(params.stop_token_ids),
+                        allowed_token_ids=self.allowed_token_ids, detokenize=False))
+        return requests, sps
+
+    def _tp_gather(self, prompts: list[list[int]], seed: int) -> tuple[list[tuple[list[list[int]], int]], int]:
+        """[(prompts, seed)] of every rank of this engine's TP group in TP-rank order, and this rank's position."""
+        if self.tp == 1:
+            return [(prompts, seed)], 0
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_tp_group  # GroupCoordinator with .cpu_group (gloo)
+
+        group = get_tp_group().cpu_group
+        gathered: list = [None] * self.tp
+        dist.all_gather_object(gathered, (prompts, seed), group=group)
+        return gathered, dist.get_rank(group)
+
+    # --- sleep mode and weight sync -----------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Release the GPU: weights backed up to CPU, KV cache dropped (level 1; level 2 would lose the layers a
+        phase-one sync does not resend)."""
+        if self._state != "asleep":
+            # LLM.sleep(level=1): offload weights to pinned CPU memory, discard KV cache (resets the prefix cache)
+            self.llm.sleep(level=1)
+            self._state = "asleep"
+
+    def wake_up(self) -> None:
+        if self._state == "asleep":
+            # LLM.wake_up(tags=None): reallocate and restore everything (weights and KV cache)
+            self.llm.wake_up()
+        elif self._state == "weights":
+            # LLM.wake_up(tags=["kv_cache"]): only the KV cache (weights are already resident)
+            self.llm.wake_up(tags=["kv_cache"])
+        self._state = "awake"
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named full tensors into the engine's model in place, bucket by bucket (bucket_bytes each).
+
+        Order: wake_up(weights) -> load_weights per bucket -> reset prefix cache -> wake_up(kv_cache), so the KV cache
+        stays released while the trainer gathers and sends the weights. The stream may be lazy (gathering on
+        demand): at most one bucket is alive at a time.
+        """
+        if self._state == "asleep":
+            # LLM.wake_up(tags=["weights"]): only the weights come back (restored from the CPU backup)
+            self.llm.wake_up(tags=["weights"])
+            self._state = "weights"
+        for bucket in chunk_by_bytes(named_tensors, self.bucket_bytes):
+            # LLM.apply_model(fn): runs fn(model) on the worker's nn.Module; in-process here (external launcher,
+            # no multiprocessing), so the tensors are not serialized. vLLM's load_weights takes HF names and fuses
+            # q/k/v and gate/up itself (bupo.weight_sync.vllm_names); each rank loads its TP shard of the tensors.
+            self.llm.apply_model(lambda model, b=bucket: _load(model, b))
+        # LLM.reset_prefix_cache(): cached prefix blocks hold KV of the old weights
+        self.llm.reset_prefix_cache()
+        if self._state == "weights":
+            self.wake_up()
+
+
+@torch.no_grad()
+def _load(model, bucket: list[tuple[str, torch.Tensor]]) -> None:
+    # vLLM model classes: load_weights(Iterable[(hf_name, tensor)]) copies into the (possibly fused/sharded) params
+    model.load_weights(iter(bucket))
+
+
+def _to_sample(out, prompt: list[int], prompt_index: int, sample_index: int) -> Sample:
+    """One vllm RequestOutput (n=1) -> Sample. CompletionOutput: token_ids, logprobs (per token: {token_id: Logprob}),
+    finish_reason ('stop' = EOS / stop token, kept in token_ids; 'length' = max_tokens or max_model_len)."""
+    c = out.outputs[0]
+    ids = list(c.token_ids)
+    lps = [float(c.logprobs[t][tok].logprob) for t, tok in enumerate(ids)] if c.logprobs is not None else []
+    if len(lps) != len(ids):
+        raise RuntimeError(f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens (SamplingParams.logprobs=0 "
+                           "should return one per token)")
+    return Sample(prompt_ids=list(prompt), response_ids=ids, logprobs=lps, finished=c.finish_reason == "stop",
+                  prompt_index=prompt_index, sample_index=sample_index)

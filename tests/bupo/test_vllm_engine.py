@@ -1,0 +1,377 @@
+"""The vLLM engine: importable and failing clearly without vllm; its logic (call order of a sync, sleep/wake states,
+request building, output conversion, vocab mask) against a stand-in `vllm` module on CPU; the mismatch metric.
+The real engine runs only in the tests marked gpu + vllm (skipped without CUDA and vllm)."""
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from bupo import vllm_engine
+from bupo.rollout import SamplingParams, sequence_seed
+from bupo.vllm_engine import VLLMEngine, logprob_mismatch
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+# --- no vllm here ---------------------------------------------------------------------------------------------------
+
+def test_module_imports_without_vllm():
+    assert "vllm" not in sys.modules or HAS_VLLM  # importing bupo.vllm_engine did not import vllm
+    importlib.reload(vllm_engine)
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
+def test_constructing_without_vllm_names_the_extra():
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[gpu\]'"):
+        VLLMEngine("unused", seed=0, vocab_size=10)
+
+
+# --- pure helpers -----------------------------------------------------------------------------------------------------
+
+def test_logprob_mismatch_and_tis_weights():
+    samp = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    train = torch.tensor([-1.0, -1.0, -0.6, -5.0])
+    w, m = logprob_mismatch(samp, train, tis_cap=2.0)
+    assert m["logp_mismatch"] == pytest.approx((0 + 1 + 0.1 + 2) / 4, abs=1e-6)
+    assert m["logp_mismatch_max"] == pytest.approx(2.0)
+    assert m["ratio_mean"] == pytest.approx(float((train - samp).exp().mean()), rel=1e-6)
+    assert m["tis_clip_frac"] == pytest.approx(0.25)  # exp(1) > 2 is capped
+    torch.testing.assert_close(w, torch.tensor([1.0, 2.0, math.exp(-0.1), math.exp(-2.0)]))
+    w0, m0 = logprob_mismatch(samp, train)
+    assert w0 is None and "tis_clip_frac" not in m0
+    w_same, m_same = logprob_mismatch(samp, samp.clone(), tis_cap=5.0)
+    assert m_same["logp_mismatch"] == 0.0 and torch.equal(w_same, torch.ones(4))
+    assert logprob_mismatch(torch.zeros(0), torch.zeros(0))[1]["logp_mismatch"] == 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        logprob_mismatch(samp, train[:3])
+
+
+# --- the engine against a stand-in vllm -------------------------------------------------------------------------------
+
+@dataclass
+class _Logprob:
+    logprob: float
+
+
+@dataclass
+class _Completion:
+    index: int
+    token_ids: list
+    logprobs: list
+    finish_reason: str
+
+
+@dataclass
+class _RequestOutput:
+    outputs: list
+
+
+class _FakeModel:
+    def __init__(self):
+        self.loads: list[list[str]] = []
+
+    def load_weights(self, weights):
+        self.loads.append([n for n, _ in weights])
+        return set()
+
+
+class _FakeLLM:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.calls: list = []
+        self.model = _FakeModel()
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def apply_model(self, fn):
+        self.calls.append(("apply_model",))
+        return [fn(self.model)]
+
+    def generate(self, requests, sps, use_tqdm=True):
+        """A request with seed x: token (last prompt token + 1 + x % 5) repeated 1 + x % 3 times, log-prob
+        -(x % 7) / 10 each; finish_reason 'stop' for even x, 'length' for odd x."""
+        self.calls.append(("generate", len(requests)))
+        outs = []
+        for req, sp in zip(requests, sps):
+            assert sp.n == 1
+            x = sp.seed
+            tok, length = req["prompt_token_ids"][-1] + 1 + x % 5, 1 + x % 3
+            outs.append(_RequestOutput([_Completion(0, [tok] * length, [{tok: _Logprob(-(x % 7) / 10)}] * length,
+                                                    "stop" if x % 2 == 0 else "length")]))
+        return outs
+
+
+class _FakeSamplingParams:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    mod = types.ModuleType("vllm")
+    mod.LLM = _FakeLLM
+    mod.SamplingParams = _FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    return mod
+
+
+def _model_dir(tmp_path, vocab=128):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": vocab}))
+    return str(tmp_path)
+
+
+def _engine(tmp_path, **kw):
+    args = dict(seed=3, dtype=torch.bfloat16, gpu_memory_utilization=0.4, tensor_parallel_size=1,
+                max_model_len=512, vocab_size=100)
+    return VLLMEngine(_model_dir(tmp_path), **{**args, **kw})
+
+
+def test_engine_construction(fake_vllm, tmp_path):
+    eng = _engine(tmp_path)
+    kw = eng.llm.kwargs
+    assert kw["distributed_executor_backend"] == "external_launcher" and kw["enable_sleep_mode"] is True
+    assert kw["dtype"] == "bfloat16" and kw["seed"] == 3 and kw["gpu_memory_utilization"] == 0.4
+    assert kw["max_model_len"] == 512 and kw["tensor_parallel_size"] == 1
+    assert kw["logprobs_mode"] == "processed_logprobs"
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and os.environ["RANK"] == "0"
+    assert eng.allowed_token_ids == list(range(100))  # 28 padded embedding rows are masked
+    assert _engine(tmp_path, vocab_size=128).allowed_token_ids is None
+    with pytest.raises(ValueError, match="exceeds"):
+        _engine(tmp_path, vocab_size=129)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        _engine(tmp_path, gpu_memory_utilization=1.5)
+
+
+def test_generate_prompt_major_with_logprobs(fake_vllm, tmp_path):
+    eng = _engine(tmp_path)
+    prompts = [[5, 6], [9], [1, 2, 3]]
+    params = SamplingParams(n=3, temperature=0.7, top_k=-1, max_new_tokens=16, seed=11, stop_token_ids=(2,))
+    samples = eng.generate(prompts, params)
+    assert len(samples) == 9
+    assert [(s.prompt_index, s.sample_index) for s in samples] == [(i, j) for i in range(3) for j in range(3)]
+    for s in samples:
+        i, j = s.prompt_index, s.sample_index
+        x = sequence_seed(11, i, j)  # each sample its own request, seeded as in the built-in engine
+        assert s.prompt_ids == prompts[i]
+        assert s.response_ids == [prompts[i][-1] + 1 + x % 5] * (1 + x % 3)
+        assert s.logprobs == pytest.approx([-(x % 7) / 10] * (1 + x % 3))
+        assert s.finished is (x % 2 == 0)  # finish_reason 'stop' -> finished, 'length' -> truncated
+    assert eng.llm.calls == [("generate", 9)]
+    with pytest.raises(ValueError, match="built-in engine"):
+        eng.generate(prompts, SamplingParams(layer=2))
+    assert eng.generate([], params) == []
+
+
+def test_request_sampling_params(fake_vllm, tmp_path):
+    eng = _engine(tmp_path)
+    params = SamplingParams(n=2, temperature=0.6, top_p=0.9, top_k=20, max_new_tokens=33, seed=5, stop_token_ids=(7, 8))
+    reqs, sps = eng._requests([([[1, 2], [3]], 5)], params)
+    assert reqs == [{"prompt_token_ids": [1, 2]}] * 2 + [{"prompt_token_ids": [3]}] * 2
+    for k, sp in enumerate(sps):
+        assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_tokens) == (1, 0.6, 0.9, 20, 33)
+        assert sp.seed == sequence_seed(5, k // 2, k % 2) and sp.logprobs == 0 and sp.stop_token_ids == [7, 8]
+        assert sp.allowed_token_ids == list(range(100)) and sp.detokenize is False
+    _, sps = eng._requests([([[1]], 5)], SamplingParams(top_k=0))
+    assert sps[0].top_k == -1  # 'no top-k' spelled the way every supported vLLM accepts
+    # a TP group: members' prompts back to back, each member's own seed
+    reqs, sps = eng._requests([([[1]], 5), ([[2], [3]], 6)], SamplingParams())
+    assert [r["prompt_token_ids"] for r in reqs] == [[1], [2], [3]]
+    assert [sp.seed for sp in sps] == [sequence_seed(5, 0, 0), sequence_seed(6, 0, 0), sequence_seed(6, 1, 0)]
+
+
+def test_update_weights_order_buckets_and_states(fake_vllm, tmp_path):
+    eng = _engine(tmp_path, bucket_bytes=1000)
+    llm = eng.llm
+    eng.wake_up()  # already awake after construction: no vLLM call
+    assert llm.calls == []
+    eng.sleep()
+    eng.sleep()  # idempotent
+    assert llm.calls == [("sleep", 1)]
+    llm.calls.clear()
+    produced = []
+
+    def stream():  # lazy, like the FSDP gather: 6 x 400 B -> buckets of 2
+        for i in range(6):
+            produced.append(i)
+            yield f"model.layers.{i}.mlp.up_proj.weight", torch.zeros(100)
+
+    eng.update_weights(stream())
+    assert llm.calls == [("wake_up", ["weights"]), ("apply_model",), ("apply_model",), ("apply_model",),
+                         ("reset_prefix_cache",), ("wake_up", ["kv_cache"])]
+    assert llm.model.loads == [[f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 1)],
+                               [f"model.layers.{i}.mlp.up_proj.weight" for i in (2, 3)],
+                               [f"model.layers.{i}.mlp.up_proj.weight" for i in (4, 5)]]
+    llm.calls.clear()
+    eng.update_weights(iter([("lm_head.weight", torch.zeros(3))]))  # awake: load + reset only
+    assert llm.calls == [("apply_model",), ("reset_prefix_cache",)]
+    llm.calls.clear()
+    eng.sleep()
+    eng.generate([[1]], SamplingParams())  # generate wakes a sleeping engine itself (validation after a sync)
+    assert llm.calls == [("sleep", 1), ("wake_up", None), ("generate", 1)]
+
+
+def test_sync_weights_feeds_the_engine_hf_names_in_buckets(fake_vllm, tmp_path):
+    import models
+    from bupo.train import sync_weights
+    from bupo.weight_sync import sync_names
+
+    cfg = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+           "rope_theta": 10000.0, "max_position_embeddings": 128, "tie_word_embeddings": False}
+    model = models.build_model(cfg)
+    eng = _engine(tmp_path, bucket_bytes=4 * 32 * 64 * 2)
+    eng.sleep()
+    sent = sync_weights(model, eng, 1)
+    loads = eng.llm.model.loads
+    assert [n for b in loads for n in b] == sync_names(model, 1)
+    expected = sum(p.numel() * 2 for n, p in model.named_parameters() if n in set(sync_names(model, 1)))
+    assert sent == expected  # bf16 (the engine's dtype) on the wire
+    assert len(loads) > 1
+
+
+# --- GPU launch: the torchrun wrapper and the debug config (checked without a GPU) -----------------------------------
+
+def test_train_sh_wraps_torchrun(tmp_path):
+    """launch/train.sh: GPU count from nvidia-smi -L (or CUDA_VISIBLE_DEVICES), env settings, args passed on."""
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100\"; done\n")
+    (tmp_path / "python").write_text('#!/bin/sh\necho "ARGS $@"\n')  # stands in for the real launch
+    for f in ("nvidia-smi", "python"):
+        (tmp_path / f).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NPROC_PER_NODE", "NODE_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "CUDA_VISIBLE_DEVICES")}
+    env["PATH"] = f"{tmp_path}:{env['PATH']}"
+    sh = str(ROOT / "launch" / "train.sh")
+
+    def run(*args, **extra):
+        return subprocess.run(["bash", sh, *args], env={**env, **extra}, capture_output=True, text=True)
+
+    out = run("--config", "x.toml", "--trainer.total_steps=2").stdout
+    assert ("ARGS -m torch.distributed.run --nnodes=1 --nproc-per-node=4 --node-rank=0 --master-addr=127.0.0.1 "
+            "--master-port=29500 -m bupo.train --config x.toml --trainer.total_steps=2") in out
+    assert "--nproc-per-node=2 " in run(CUDA_VISIBLE_DEVICES="1,3").stdout
+    out = run(NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="6000", NPROC_PER_NODE="8").stdout
+    assert "--nnodes=2 --nproc-per-node=8 --node-rank=1 --master-addr=10.0.0.1 --master-port=6000" in out
+    bad = run(NNODES="2")
+    assert bad.returncode == 2 and "MASTER_ADDR" in bad.stderr
+    help_ = run("-h")
+    assert help_.returncode == 0 and "NNODES" in help_.stdout and "ARGS" not in help_.stdout
+
+
+def test_debug_1gpu_config_loads():
+    from bupo.config import load_config
+
+    cfg = load_config(["--config", str(ROOT / "launch/configs/debug_1gpu.toml")])
+    assert cfg.rollout.engine == "vllm" and cfg.model.path == "smollm2" and cfg.trainer.device == "cuda"
+    assert cfg.data.train_files == ["arithmetic"] and cfg.trainer.total_steps <= 10
+    assert 0 < cfg.bupo.iterative_steps < cfg.trainer.total_steps  # both phases (and both sync kinds) run
+
+
+# --- the real thing (CUDA + vllm only) ------------------------------------------------------------------------------
+
+_E2E = r"""
+import torch
+import models
+from bupo import parallel
+from bupo.rollout import SamplingParams
+from bupo.tokenizer import Tokenizer
+from bupo.train import sync_weights
+from bupo.update import Seq, compute_logprobs
+from bupo.vllm_engine import VLLMEngine, logprob_mismatch
+
+info = parallel.init_distributed("cuda")
+path = models.smollm2_path()
+tok = Tokenizer.from_pretrained(path)
+engine = VLLMEngine(str(path), seed=0, dtype=torch.bfloat16, gpu_memory_utilization=0.3, tensor_parallel_size=1,
+                    max_model_len=512, vocab_size=tok.vocab_size)
+prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {a + 3}?"}]))
+           for a in range(4)]
+params = SamplingParams(n=2, max_new_tokens=48, seed=1, stop_token_ids=tuple(tok.stop_token_ids))
+samples = engine.generate(prompts, params)
+assert len(samples) == 8 and [s.prompt_index for s in samples] == [0, 0, 1, 1, 2, 2, 3, 3]
+assert all(len(s.logprobs) == len(s.response_ids) > 0 for s in samples)
+assert all(lp <= 0 and lp == lp for s in samples for lp in s.logprobs)
+again = engine.generate(prompts, params)
+assert [s.response_ids for s in again] == [s.response_ids for s in samples], "same seed, same samples"
+model = models.load_pretrained(path, dtype=torch.float32, device=info.device)
+seqs = [Seq(s.prompt_ids, s.response_ids) for s in samples]
+trainer = torch.cat(compute_logprobs(model, seqs, layer=None, norm=False, temperature=1.0, token_budget=4096))
+sampler = torch.tensor([lp for s in samples for lp in s.logprobs])
+_, m = logprob_mismatch(sampler, trainer)
+print("mismatch", m)
+assert m["logp_mismatch"] < 0.05, m
+greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=24, seed=0, stop_token_ids=tuple(tok.stop_token_ids))
+before = [s.response_ids for s in engine.generate(prompts, greedy)]
+engine.sleep()
+sent = sync_weights(model, engine, None)  # the same weights: greedy output unchanged, no reload from disk
+assert sent > 0
+assert [s.response_ids for s in engine.generate(prompts, greedy)] == before
+saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if n.startswith(("model.layers.0.", "model.layers.1.")):
+            p.mul_(-1.0)
+engine.sleep()
+sync_weights(model, engine, 1)  # phase-one sync: layers 0..1 + embedding
+assert [s.response_ids for s in engine.generate(prompts, greedy)] != before
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        p.copy_(saved[n])
+engine.sleep()
+sync_weights(model, engine, 1)
+assert [s.response_ids for s in engine.generate(prompts, greedy)] == before
+print("E2E OK")
+parallel.destroy()
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vllm (pip install -e '.[gpu]')")
+def test_vllm_engine_end_to_end_smollm2(tmp_path):
+    """Sampling, determinism, sampler/trainer log-prob agreement, full and phase-one syncs (in memory, no disk)."""
+    script = tmp_path / "e2e.py"
+    script.write_text(_E2E)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29533", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "E2E OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vllm (pip install -e '.[gpu]')")
+def test_debug_1gpu_config_trains(tmp_path):
+    out = tmp_path / "run"
+    cmd = ["bash", str(ROOT / "launch" / "train.sh"), "--config", str(ROOT / "launch/configs/debug_1gpu.toml"),
+           "--trainer.total_steps=2", "--bupo.iterative_steps=1", "--trainer.val_every=0", "--trainer.save_every=0",
+           "--trainer.export=false", "--trainer.plot=false", f"--trainer.out_dir={out}"]
+    proc = subprocess.run(cmd, env={**os.environ, "NPROC_PER_NODE": "1", "MASTER_PORT": "29534"},
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["internal", "full"]
+    assert all(r["sync_mb"] > 0 and r["time_sync"] >= 0 for r in rows)

@@ -1,0 +1,232 @@
+"""Weight sync planning: bucket plans, names vLLM receives, what a phase-one sync sends, gathering full tensors
+(plain model, FSDP2 world of one, FSDP2 over 2 gloo processes)."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import models
+from bupo import parallel
+from bupo.weight_sync import (chunk_by_bytes, iter_full_tensors, layer_of, plan_buckets, sync_names, tensor_bytes,
+                              vllm_names)
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": 128, "tie_word_embeddings": True}
+TINY_QWEN3 = {**TINY, "model_type": "qwen3", "head_dim": 8, "tie_word_embeddings": False}
+
+
+def _entries(model, dtype=None):
+    return [(n, p.shape, dtype or p.dtype) for n, p in model.named_parameters()]
+
+
+# --- plan_buckets / chunk_by_bytes ----------------------------------------------------------------------------------
+
+def test_plan_buckets_bounded_ordered_each_name_once():
+    model = models.build_model(TINY)
+    entries = _entries(model)
+    sizes = {n: tensor_bytes(s, d) for n, s, d in entries}
+    cap = 3 * 32 * 64 * 4  # a few MLP matrices
+    plan = plan_buckets(entries, cap)
+    flat = [n for b in plan for n in b]
+    assert flat == [n for n, _, _ in entries]  # order kept, every name exactly once
+    for b in plan:
+        assert sum(sizes[n] for n in b) <= cap or len(b) == 1
+    assert len(plan) > 1
+
+
+def test_plan_buckets_oversize_tensor_gets_its_own_bucket():
+    f32 = torch.float32
+    entries = [("a", (10,), f32), ("big", (1000,), f32), ("b", (10,), f32), ("c", (10,), f32)]
+    assert plan_buckets(entries, 100) == [["a"], ["big"], ["b", "c"]]
+    assert plan_buckets(entries, 10**9) == [["a", "big", "b", "c"]]
+    assert plan_buckets([], 100) == []
+    with pytest.raises(ValueError, match="max_bucket_bytes"):
+        plan_buckets(entries, 0)
+
+
+def test_plan_buckets_dtype_counts():
+    entries = [("a", (64,), torch.float32), ("b", (64,), torch.float32)]
+    assert plan_buckets(entries, 256) == [["a"], ["b"]]  # 256 B each in fp32
+    assert plan_buckets([(n, s, torch.bfloat16) for n, s, _ in entries], 256) == [["a", "b"]]
+
+
+def test_plan_buckets_per_layer():
+    model = models.build_model({**TINY, "tie_word_embeddings": False})
+    entries = _entries(model)
+    plan = plan_buckets(entries, 1, per_layer=True)  # the size cap does not split a layer
+    assert [n for b in plan for n in b] == [n for n, _, _ in entries]
+    layer_buckets = [b for b in plan if layer_of(b[0]) is not None]
+    assert len(layer_buckets) == TINY["num_hidden_layers"]
+    for i, b in enumerate(layer_buckets):
+        assert {layer_of(n) for n in b} == {i}
+        assert len(b) == 9  # q, k, v, o, gate, up, down, 2 norms
+    others = [b for b in plan if layer_of(b[0]) is None]
+    assert others == [["model.embed_tokens.weight"], ["model.norm.weight"], ["lm_head.weight"]]
+
+
+def test_chunk_by_bytes_matches_plan_and_is_lazy():
+    model = models.build_model(TINY)
+    cap = 2 * 32 * 64 * 4
+    pulled = []
+
+    def stream():
+        for n, p in model.named_parameters():
+            pulled.append(n)
+            yield n, p.detach()
+
+    chunks = chunk_by_bytes(stream(), cap)
+    first = next(chunks)
+    assert len(pulled) == len(first) + 1  # only one tensor past the first bucket was produced
+    got = [[n for n, _ in first]] + [[n for n, _ in c] for c in chunks]
+    assert got == plan_buckets(_entries(model), cap)
+
+
+# --- names ----------------------------------------------------------------------------------------------------------
+
+def test_vllm_names_llama_and_qwen3():
+    assert vllm_names("model.layers.3.self_attn.q_proj.weight", "llama") == ["model.layers.3.self_attn.qkv_proj.weight"]
+    assert vllm_names("model.layers.0.self_attn.v_proj.bias", "qwen2") == ["model.layers.0.self_attn.qkv_proj.bias"]
+    assert vllm_names("model.layers.12.mlp.up_proj.weight", "qwen3") == ["model.layers.12.mlp.gate_up_proj.weight"]
+    assert vllm_names("model.layers.1.mlp.down_proj.weight", "qwen3") == ["model.layers.1.mlp.down_proj.weight"]
+    assert vllm_names("model.layers.1.self_attn.q_norm.weight", "qwen3") == ["model.layers.1.self_attn.q_norm.weight"]
+    assert vllm_names("model.layers.2.input_layernorm.weight", "llama") == ["model.layers.2.input_layernorm.weight"]
+    assert vllm_names("model.embed_tokens.weight", "llama", tied=True) == ["model.embed_tokens.weight"]
+    assert vllm_names("lm_head.weight", "qwen3") == ["lm_head.weight"]
+    assert vllm_names("lm_head.weight", "qwen3", tied=True) == []  # vLLM skips a tied head
+    with pytest.raises(ValueError, match="model_type"):
+        vllm_names("model.norm.weight", "gpt2")
+    with pytest.raises(ValueError, match="not a llama parameter"):
+        vllm_names("model.layers.0.self_attn.rotary_emb.inv_freq", "llama")
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_QWEN3], ids=["llama_tied", "qwen3_untied"])
+def test_every_model_parameter_has_a_vllm_name(cfg):
+    model = models.build_model(cfg)
+    tied = cfg["tie_word_embeddings"]
+    targets = {t for n, _ in model.named_parameters() for t in vllm_names(n, cfg["model_type"], tied=tied)}
+    L = cfg["num_hidden_layers"]
+    expected_per_layer = {"self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
+                          "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"}
+    if cfg["model_type"] == "qwen3":
+        expected_per_layer |= {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
+    expected = {f"model.layers.{i}.{s}" for i in range(L) for s in expected_per_layer}
+    expected |= {"model.embed_tokens.weight", "model.norm.weight"} | (set() if tied else {"lm_head.weight"})
+    assert targets == expected
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_phase_one_sync_sends_layers_0_to_k_and_embedding(tied):
+    model = models.build_model({**TINY, "tie_word_embeddings": tied})
+    k = 1
+    names = sync_names(model, k)
+    assert {layer_of(n) for n in names} == {0, 1, None}
+    assert "model.embed_tokens.weight" in names
+    assert ("lm_head.weight" in names) is (not tied)  # tied: the head is the embedding, sent once
+    assert "model.norm.weight" not in names  # the final norm does not change in phase one
+    per_layer = sum(1 for n, _ in model.named_parameters() if layer_of(n) == 0)
+    assert len(names) == 2 * per_layer + (1 if tied else 2)
+    assert sync_names(model, None) == [n for n, _ in model.named_parameters()]
+
+
+# --- iter_full_tensors --------------------------------------------------------------------------------------------
+
+def test_iter_full_tensors_plain_model():
+    model = models.build_model({**TINY, "tie_word_embeddings": False})
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = sync_names(model, 1)
+    cap = 3 * 32 * 64 * 4
+    buckets = list(iter_full_tensors(model, names, cap))
+    assert [n for b, _ in buckets for n, _ in b] == names
+    for bucket, nbytes in buckets:
+        assert nbytes == sum(t.numel() * t.element_size() for _, t in bucket)
+        assert nbytes <= cap or len(bucket) == 1
+        for n, t in bucket:
+            assert torch.equal(t, ref[n]) and not t.requires_grad
+    half = list(iter_full_tensors(model, names, cap, dtype=torch.bfloat16))
+    assert all(t.dtype == torch.bfloat16 for b, _ in half for _, t in b)
+    assert sum(b for _, b in half) * 2 == sum(b for _, b in buckets)
+    with pytest.raises(ValueError, match="no parameters named"):
+        next(iter_full_tensors(model, ["model.layers.9.mlp.up_proj.weight"], cap))
+
+
+def test_iter_full_tensors_fsdp_world_of_one():
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    model = models.build_model(TINY)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    info = parallel.init_distributed("cpu")
+    try:
+        parallel.apply_fsdp(model, info)
+        assert any(hasattr(p, "full_tensor") for p in model.parameters())  # really DTensors
+        names = sync_names(model, None)
+        got = {n: t for b, _ in iter_full_tensors(model, names, 4096) for n, t in b}
+        assert list(got) == names
+        for n, t in got.items():
+            assert not hasattr(t, "full_tensor")
+            torch.testing.assert_close(t, ref[n], rtol=0, atol=0)
+        # the trainer's sync into the built-in engine: phase one overwrites layers 0..1 + embedding only
+        from bupo.rollout import BuiltinEngine
+        from bupo.train import sync_weights
+
+        target = models.build_model(TINY, seed=1)
+        before = {n: p.detach().clone() for n, p in target.named_parameters()}
+        sent = sync_weights(model, BuiltinEngine(target), 1)
+        names = set(sync_names(model, 1))
+        assert sent == sum(ref[n].numel() * 4 for n in names)
+        for n, p in target.named_parameters():
+            torch.testing.assert_close(p.detach(), ref[n] if n in names else before[n], rtol=0, atol=0)
+    finally:
+        parallel.destroy()
+
+
+_TWO_RANKS = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    import models
+    from bupo import parallel
+    from bupo.weight_sync import iter_full_tensors, sync_names
+    sys.path.insert(0, sys.argv[2])
+    from test_weight_sync import TINY_QWEN3
+    model = models.build_model(TINY_QWEN3)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    info = parallel.init_distributed("cpu")
+    parallel.apply_fsdp(model, info)
+    shard = model.model.layers[0].mlp.up_proj.weight
+    assert shard.to_local().shape[0] < shard.shape[0]  # sharded over the 2 ranks
+    sent = 0
+    for bucket, nbytes in iter_full_tensors(model, sync_names(model, 1), 8192, dtype=torch.bfloat16):
+        sent += nbytes
+        for n, t in bucket:
+            torch.testing.assert_close(t, ref[n].to(torch.bfloat16), rtol=0, atol=0)
+    if info.rank == 0:
+        open(sys.argv[1], "w").write(str(sent))
+    parallel.destroy()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_iter_full_tensors_fsdp_two_processes(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    out = tmp_path / "sent.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(script), str(out), str(Path(__file__).parent)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = models.build_model(TINY_QWEN3)
+    expected = sum(p.numel() * 2 for n, p in model.named_parameters() if n in set(sync_names(model, 1)))
+    assert int(out.read_text()) == expected
