@@ -1,0 +1,209 @@
+"""Attention backends shared by the model files, plus the KV cache of the built-in sampler.
+
+Legend: B batch, T time (tokens per row), N total packed tokens, S cache slots, nh query heads,
+nkv key/value heads (GQA: nh % nkv == 0), hd head dim.
+
+Backends for causal self-attention (training / prefill), picked per call:
+  1. flash-attn (varlen for packed input) on CUDA in fp16/bf16 when the package is installed;
+  2. torch.nn.attention.varlen.varlen_attn on CUDA in fp16/bf16 for packed input;
+  3. SDPA, once per packed sequence (or once for a [B, T] batch). This is the designed CPU backend;
+     on CUDA it is a fallback and warns once.
+Decode (queries against a KV cache with a boolean mask) always uses SDPA.
+"""
+
+import functools
+import importlib.util
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_HALF = (torch.float16, torch.bfloat16)
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+@functools.cache
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
+def _varlen_attn():
+    """torch's own varlen flash attention and the causal/GQA keywords this torch version takes, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return varlen_attn, kw, "enable_gqa" in params
+
+
+@dataclass
+class Packing:
+    """Boundaries of the sequences packed into one row: cu_seqlens int32 [S+1], on the device and as ints."""
+
+    cu_seqlens: torch.Tensor
+    bounds: list[int]
+    max_seqlen: int
+
+
+def packing(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> Packing:
+    """Validate cu_seqlens against a [1, total] input (one host sync per forward, not per layer)."""
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or min(lens) <= 0:
+        raise ValueError(f"cu_seqlens must rise strictly from 0 to {total} (the packed length), got {bounds}")
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    return Packing(cu, bounds, max(lens))
+
+
+def packed_positions(p: Packing) -> torch.Tensor:
+    """Positions that restart at 0 for every packed sequence: [1, N] int64."""
+    lens = p.cu_seqlens.diff().long()  # [S]
+    starts = p.cu_seqlens[:-1].long().repeat_interleave(lens)  # [N]
+    return (torch.arange(p.bounds[-1], device=p.cu_seqlens.device) - starts)[None]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """SDPA on [B, T, nh, hd] layouts; GQA by SDPA's enable_gqa (K/V are never expanded in memory)."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=k.shape[2] != q.shape[2], **kw
+    )
+    return o.transpose(1, 2)  # [B, T, nh, hd]
+
+
+def _sdpa_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packing) -> torch.Tensor:
+    outs = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True) for s, e in zip(p.bounds[:-1], p.bounds[1:])]
+    return torch.cat(outs, dim=1)
+
+
+def _cuda_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packing) -> torch.Tensor:
+    fn, kw, has_gqa = _varlen_attn()
+    if has_gqa:
+        kw = {**kw, "enable_gqa": True}
+    elif k.shape[2] != q.shape[2]:
+        rep = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    o = fn(q[0], k[0], v[0], p.cu_seqlens, p.cu_seqlens, p.max_seqlen, p.max_seqlen, **kw)
+    return o[None]  # [1, N, nh, hd]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packing | None = None) -> torch.Tensor:
+    """Causal self-attention. q [B, T, nh, hd], k/v [B, T, nkv, hd] -> [B, T, nh, hd].
+
+    With `p` the input is packed (B == 1) and no query attends across a sequence boundary.
+    Softmax scale is 1/sqrt(hd) everywhere.
+    """
+    if q.is_cuda and q.dtype in _HALF:
+        if _has_flash_attn():
+            from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+            if p is None:
+                return flash_attn_func(q, k, v, causal=True)
+            o = flash_attn_varlen_func(
+                q[0], k[0], v[0], p.cu_seqlens, p.cu_seqlens, p.max_seqlen, p.max_seqlen, causal=True
+            )
+            return o[None]
+        if p is not None and _varlen_attn() is not None:
+            _warn_once("flash-attn is not installed: attention falls back to torch.nn.attention.varlen.varlen_attn")
+            return _cuda_varlen(q, k, v, p)
+    if q.is_cuda:
+        why = "flash kernels need fp16/bf16" if q.dtype not in _HALF else "flash-attn is not installed"
+        _warn_once(f"attention on CUDA falls back to SDPA, one call per packed sequence ({why})")
+    if p is None:
+        return _sdpa(q, k, v, is_causal=True)
+    return _sdpa_packed(q, k, v, p)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, t, nh, hd] against k/v [B, S, nkv, hd]; mask [B, t, S] bool, True = may attend."""
+    return _sdpa(q, k, v, attn_mask=mask[:, None])
+
+
+def decode_mask(key_mask: torch.Tensor, start: int, t: int) -> torch.Tensor:
+    """[B, t, start+t] bool: key slot j is visible to new token i iff key_mask[b, j] and j <= start + i.
+
+    A token always sees its own slot, so rows of pad tokens stay finite (a fully masked row gives NaN,
+    which would then leak through the pad slots' cached K/V as 0 * NaN).
+    """
+    S = start + t
+    if key_mask.shape[1] < S:
+        raise ValueError(f"key_mask needs start + t = {S} columns, got shape {tuple(key_mask.shape)}")
+    key_mask = key_mask[:, :S]  # a longer (e.g. full-cache) mask is fine: slots >= start+t are never read
+    j = torch.arange(S, device=key_mask.device)  # [S]
+    i = start + torch.arange(t, device=key_mask.device)  # [t]
+    causal = j[None, :] <= i[:, None]  # [t, S]
+    own = j[None, :] == i[:, None]  # [t, S]
+    return (key_mask.bool()[:, None, :] & causal[None]) | own[None]
+
+
+@dataclass
+class AttnArgs:
+    """What every decoder layer's attention needs besides its input: RoPE tables [B, T, hd] and either a
+    packing (training / prefill; None = one causal sequence per row) or a KV cache step (decode)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    packing: Packing | None = None
+    cache: "KVCache | None" = None
+    start: int = 0  # first cache slot written by this step
+    mask: torch.Tensor | None = None  # [B, t, start+t] bool, from decode_mask
+
+
+@dataclass
+class KVCache:
+    """Per-layer K/V buffers [B, S_max, nkv, hd]; slot s of row b holds the token written at position s."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @classmethod
+    def empty(
+        cls, num_layers: int, batch_size: int, max_len: int, nkv: int, hd: int, dtype: torch.dtype, device
+    ) -> "KVCache":
+        shape = (batch_size, max_len, nkv, hd)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return cls(k, v)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, t, nkv, hd] to slots start..start+t-1; return views of slots 0..start+t-1."""
+        end = start + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: writing slots up to {end} into a cache of max_len {self.max_len}")
+        self.k[layer][:, start:end] = k
+        self.v[layer][:, start:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+
+__all__ = [
+    "AttnArgs",
+    "KVCache",
+    "Packing",
+    "causal_attention",
+    "decode_mask",
+    "masked_attention",
+    "packed_positions",
+    "packing",
+]

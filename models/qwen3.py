@@ -1,0 +1,318 @@
+"""Qwen3 causal LM, written out by hand; module names mirror the HF checkpoint so state dicts load as is.
+
+Qwen2 / Qwen2.5 (bias on q/k/v, no per-head q/k norm) is the flag `model_type="qwen2"`.
+
+Legend: B batch, T time, N packed tokens, H hidden, V vocab, L layers, nh query heads, nkv key/value heads,
+hd head dim (explicit: real Qwen3 configs have nh * hd != H), I MLP width.
+"""
+
+import copy
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AttnArgs, KVCache, causal_attention, decode_mask, masked_attention, packed_positions, packing
+
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_WRITTEN_BY_SAVE = {"architectures", "model_type", "torch_dtype", "dtype", "rope_parameters", "transformers_version"}
+
+
+@dataclass
+class Qwen3Config:
+    """HF config.json fields; defaults are Qwen3-4B."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2560
+    intermediate_size: int = 9728
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 40960
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None  # only plain RoPE is supported for Qwen
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # Qwen3: bias on q/k/v/o (off in released checkpoints)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    model_type: str = "qwen3"  # "qwen2": q/k/v bias, no q/k norm
+    extra: dict = field(default_factory=dict, repr=False)  # other config.json keys, written back unchanged
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "Qwen3Config":
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: v for k, v in d.items() if k in names and v is not None}
+        rope = d.get("rope_parameters")  # transformers >= 5 writes RoPE here instead of rope_theta/rope_scaling
+        if rope:
+            rope = dict(rope)
+            kw["rope_theta"] = rope.pop("rope_theta", kw.get("rope_theta", cls.rope_theta))
+            kw["rope_scaling"] = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        kw.setdefault("num_attention_heads", cls.num_attention_heads)
+        kw.setdefault("num_key_value_heads", kw["num_attention_heads"])
+        if d.get("model_type", "qwen3") == "qwen2":  # Qwen2 configs derive head_dim; Qwen3's HF default is 128
+            kw.setdefault("head_dim", kw.get("hidden_size", cls.hidden_size) // kw["num_attention_heads"])
+        kw.setdefault("tie_word_embeddings", False)  # what transformers assumes when config.json omits it
+        extra = {k: v for k, v in d.items() if k not in names and k not in _WRITTEN_BY_SAVE}
+        cfg = cls(**kw, extra=extra)
+        cfg.validate()
+        return cfg
+
+    def to_hf_dict(self) -> dict:
+        d = {"architectures": [ARCHITECTURES[self.model_type]], **self.extra}
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        return copy.deepcopy(d)  # callers (transformers among them) may edit nested dicts in place
+
+    def validate(self) -> None:
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not one of {sorted(ARCHITECTURES)}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "default":
+            raise ValueError(f"rope_scaling {self.rope_scaling!r} is not supported for {self.model_type}")
+        if self.extra.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=True is not supported (released Qwen checkpoints leave it off)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalize in fp32, cast back, then scale: the order of the HF checkpoints' reference code
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with half-split pairs (i, i + hd/2). `inv_freq` is a non-persistent fp32 buffer that is recomputed
+    whenever the module is moved, cast or materialized (`to`, `to_empty`), so a meta build or a bf16 cast
+    never leaves uninitialized or rounded frequencies."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.theta, self.hd = cfg.rope_theta, cfg.head_dim
+        self.register_buffer("inv_freq", self.compute_inv_freq(None), persistent=False)
+
+    def compute_inv_freq(self, device: torch.device | str | None) -> torch.Tensor:
+        exps = torch.arange(0, self.hd, 2, dtype=torch.int64, device=device).float() / self.hd
+        return 1.0 / (self.theta**exps)  # [hd/2] fp32
+
+    def reset(self, device: torch.device | str) -> None:
+        self.inv_freq = self.compute_inv_freq(device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if not self.inv_freq.is_meta:
+            self.reset(self.inv_freq.device)
+        return self
+
+    def forward(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = pos[..., None].float() * self.inv_freq  # [B, T, hd/2] fp32
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, hd]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, n, hd], cos/sin [B, T, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, :, None] + torch.cat((-x2, x1), dim=-1) * sin[:, :, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which KV-cache layer this module reads and writes
+        H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.hd = hd
+        qwen2 = cfg.model_type == "qwen2"
+        qkv_bias, o_bias = (True, False) if qwen2 else (cfg.attention_bias, cfg.attention_bias)
+        self.q_proj = nn.Linear(H, nh * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(H, nkv * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(H, nkv * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, H, bias=o_bias)
+        self.qk_norm = not qwen2
+        if self.qk_norm:  # RMSNorm over each head's hd features, before RoPE
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, a: AttnArgs) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.hd)  # [B, T, nh, hd]
+        k = self.k_proj(x).view(B, T, -1, self.hd)  # [B, T, nkv, hd]
+        v = self.v_proj(x).view(B, T, -1, self.hd)  # [B, T, nkv, hd]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
+        if a.cache is None:
+            o = causal_attention(q, k, v, a.packing)
+        else:
+            k, v = a.cache.update(self.layer_idx, a.start, k, v)  # [B, start+t, nkv, hd]
+            o = masked_attention(q, k, v, a.mask)
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, a: AttnArgs, out: dict | None = None) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]. When `out` is a dict it receives the modular quantities of this very pass."""
+        attn_in = self.input_layernorm(x)
+        attn_out = self.self_attn(attn_in, a)  # A_l, before the residual add
+        h = x + attn_out
+        ffn_in = self.post_attention_layernorm(h)
+        ffn_out = self.mlp(ffn_in)  # F_l, before the residual add
+        y = h + ffn_out
+        if out is not None:
+            out.update(layer_in=x, attn_in=attn_in, attn_out=attn_out, ffn_in=ffn_in, ffn_out=ffn_out, layer_out=y)
+        return y
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """`forward` -> logits; `hidden_states(layer=k)` runs decoder layers 0..k only; `capture` returns the
+    per-layer modular quantities; `new_cache` / `decode` serve the built-in sampler."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share one Parameter between embed_tokens and lm_head when the config ties them (redo after a load)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, recurse=True):
+        # to_empty() and device moves replace Parameters one module at a time, which would untie the head
+        super()._apply(fn, recurse)
+        self.tie_weights()
+        return self
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Compute the RoPE frequencies on `device` (needed after a meta build + assign=True load)."""
+        self.model.rotary_emb.reset(device)
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        return self.lm_head.weight  # [V, H]
+
+    def _last_layer(self, layer: int | None) -> int:
+        L = self.config.num_hidden_layers
+        if layer is None:
+            return L - 1
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
+            raise ValueError(f"layer must be None or an int in [0, {L - 1}], got {layer!r}")
+        return layer
+
+    def _run(self, input_ids, last, cu_seqlens, position_ids, capture: dict | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        p = None
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"packed input (cu_seqlens given) must have shape [1, total], got {(B, T)}")
+            p = packing(cu_seqlens, T, input_ids.device)
+            position_ids = packed_positions(p) if position_ids is None else position_ids
+        elif position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        x = self.model.embed_tokens(input_ids)  # [B, T, H]
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        a = AttnArgs(cos, sin, p)
+        for i in range(last + 1):
+            out = {} if capture is not None and i in capture else None
+            x = self.model.layers[i](x, a, out)
+            if out is not None:
+                capture[i] = out
+        return x
+
+    def forward(self, input_ids: torch.Tensor, *, cu_seqlens=None, position_ids=None) -> torch.Tensor:
+        """input_ids [B, T] (or [1, N] with cu_seqlens) -> logits [B, T, V] of the full policy."""
+        return self.lm_head(self.hidden_states(input_ids, None, cu_seqlens=cu_seqlens, position_ids=position_ids))
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, layer: int | None = None, *, cu_seqlens=None, position_ids=None, norm=False
+    ) -> torch.Tensor:
+        """[B, T, H]: layer=None -> final-normed state feeding lm_head; layer=k -> raw residual after decoder
+        layer k (layers above k never run); norm=True applies model.norm to it."""
+        h = self._run(input_ids, self._last_layer(layer), cu_seqlens, position_ids)
+        return self.model.norm(h) if layer is None or norm else h
+
+    def capture(self, input_ids: torch.Tensor, *, cu_seqlens=None, position_ids=None, layers=None) -> list[dict]:
+        """One dict per requested layer (all by default), in the order given, with layer_in, attn_in, attn_out,
+        ffn_in, ffn_out, layer_out, each [B, T, H]. Runs layers up to max(layers) only."""
+        idx = list(range(self.config.num_hidden_layers)) if layers is None else list(layers)
+        for i in idx:
+            self._last_layer(i)
+        if not idx:
+            return []
+        got: dict = {i: None for i in idx}
+        self._run(input_ids, max(idx), cu_seqlens, position_ids, capture=got)
+        return [got[i] for i in idx]
+
+    def new_cache(self, batch_size: int, max_len: int, *, num_layers=None, dtype=None, device=None) -> KVCache:
+        """Empty KV cache; num_layers=k+1 is enough to decode with layer=k."""
+        L, w = self.config.num_hidden_layers, self.model.embed_tokens.weight
+        n = L if num_layers is None else num_layers
+        if not 1 <= n <= L:
+            raise ValueError(f"num_layers must be in [1, {L}], got {num_layers}")
+        c = self.config
+        return KVCache.empty(
+            n, batch_size, max_len, c.num_key_value_heads, c.head_dim, dtype or w.dtype, device or w.device
+        )
+
+    @torch.no_grad()
+    def decode(
+        self, input_ids, position_ids, cache: KVCache, start: int, key_mask, *, layer=None, norm=False
+    ) -> torch.Tensor:
+        """Run t new tokens [B, t] against the cache: write their K/V to slots start..start+t-1, attend to slots
+        < start+t where key_mask [B, start+t] is True, causal inside the chunk. Returns [B, t, H] with the
+        layer/norm semantics of hidden_states."""
+        last = self._last_layer(layer)
+        if cache.num_layers <= last:
+            raise ValueError(f"decoding up to layer {last} needs {last + 1} cache layers, cache has {cache.num_layers}")
+        x = self.model.embed_tokens(input_ids)  # [B, t, H]
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        mask = decode_mask(key_mask.to(x.device), start, input_ids.shape[1])  # [B, t, start+t]
+        a = AttnArgs(cos, sin, None, cache, start, mask)
+        for i in range(last + 1):
+            x = self.model.layers[i](x, a)
+        return self.model.norm(x) if layer is None or norm else x

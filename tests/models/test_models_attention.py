@@ -1,0 +1,67 @@
+"""Attention backend dispatch: the CPU path is silent, fallbacks warn once, GPU kernels agree with SDPA."""
+
+import warnings
+
+import pytest
+import torch
+from tiny_models import TINY
+from torch.testing import assert_close
+
+import models
+from models import attention
+
+
+def _qkv(N: int, nh: int, nkv: int, hd: int, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    mk = lambda n: torch.randn(1, N, n, hd, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(nh), mk(nkv), mk(nkv)
+
+
+def test_cpu_sdpa_is_the_designed_path_and_does_not_warn():
+    m = models.build_model(TINY["qwen3_tied"])
+    ids = torch.randint(0, 101, (1, 12))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(ids, cu_seqlens=cu)
+        m(ids)
+
+
+def test_packed_attention_never_crosses_sequences():
+    q, k, v = _qkv(9, 4, 2, 8)
+    p = attention.packing(torch.tensor([0, 4, 9]), 9, torch.device("cpu"))
+    out = attention.causal_attention(q, k, v, p)
+    assert_close(out[:, 4:], attention.causal_attention(q[:, 4:], k[:, 4:], v[:, 4:]))
+    v2 = v.clone()
+    v2[:, :4] = 100.0  # the first sequence's values must not reach the second
+    assert_close(attention.causal_attention(q, k, v2, p)[:, 4:], out[:, 4:])
+    assert_close(attention.packed_positions(p), torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]))
+
+
+def test_warn_once(monkeypatch):
+    monkeypatch.setattr(attention, "_warned", set())
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            attention._warn_once("fallback X")
+    assert [str(w.message) for w in got] == ["fallback X"]
+
+
+def test_fully_masked_decode_rows_stay_finite():
+    q, k, v = _qkv(3, 4, 2, 8)
+    mask = attention.decode_mask(torch.tensor([[False, False, True]]), 0, 3)
+    assert mask[0].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    assert torch.isfinite(attention.masked_attention(q, k, v, mask)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_backend_matches_sdpa_per_sequence(dtype):
+    q, k, v = _qkv(300, 8, 2, 64, dtype=dtype, device="cuda")
+    cu = torch.tensor([0, 17, 200, 300], dtype=torch.int32)
+    p = attention.packing(cu, 300, torch.device("cuda"))
+    got = attention.causal_attention(q, k, v, p)
+    ref = attention._sdpa_packed(q.float(), k.float(), v.float(), p).to(dtype)
+    tol = {} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert_close(got, ref, **tol)

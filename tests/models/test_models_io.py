@@ -1,0 +1,178 @@
+"""HF folders in and out: round trips through transformers, shards, dtypes, and the error messages."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TINY, hf_model, transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+import models
+
+
+def _keys(folder) -> set[str]:
+    keys = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as st:
+            keys |= set(st.keys())
+    return keys
+
+
+@torch.no_grad()
+def test_our_save_loads_in_transformers(tiny_name, tmp_path):
+    cfg = TINY[tiny_name]
+    ours = models.build_model(cfg, seed=3)
+    models.save_pretrained(ours, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == cfg["model_type"]
+    assert written["architectures"] == [type(ours).__name__.replace("Qwen3", "Qwen2")
+                                        if cfg["model_type"] == "qwen2" else type(ours).__name__]
+    assert written["torch_dtype"] == written["dtype"] == "float32"
+    assert ("lm_head.weight" in _keys(tmp_path)) != cfg["tie_word_embeddings"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(0, cfg["vocab_size"], (2, 9))
+    assert_close(ours(ids), hf(ids).logits)
+    assert_close(models.load_pretrained(tmp_path)(ids), ours(ids))
+
+
+def test_build_model_is_seeded_and_tied(tiny_name):
+    a = models.build_model(TINY[tiny_name], seed=1)
+    assert (a.unembedding is a.model.embed_tokens.weight) == TINY[tiny_name]["tie_word_embeddings"]
+    e = models.build_model(TINY[tiny_name]).to_empty(device="cpu")  # re-materializing must keep the tie
+    assert (e.unembedding is e.model.embed_tokens.weight) == e.config.tie_word_embeddings
+    b = models.build_model(TINY[tiny_name], seed=1)
+    c = models.build_model(TINY[tiny_name], seed=2)
+    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb)
+        assert torch.equal(pa, pc) == name.endswith(("norm.weight", ".bias")), name  # ones, zeros
+
+
+@torch.no_grad()
+def test_sharded_save_and_load(tmp_path):
+    cfg = TINY["llama3_scaled"]
+    ours = models.build_model(cfg, seed=0)
+    models.save_pretrained(ours, tmp_path, max_shard_bytes=40_000)
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ours.state_dict())
+    ids = torch.randint(0, cfg["vocab_size"], (1, 10))
+    assert_close(models.load_pretrained(tmp_path)(ids), ours(ids))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert_close(hf(ids).logits, ours(ids))
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")  # transformers' own shards and index
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 2
+    assert_close(models.load_pretrained(tmp_path / "hf")(ids), ours(ids))
+    models.save_pretrained(ours, tmp_path)  # back to one file: no stale shards or index left to confuse a loader
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
+
+
+@torch.no_grad()
+def test_state_dict_argument_replaces_the_weights(tmp_path):
+    ours = models.build_model(TINY["qwen3_tied"], seed=0)
+    other = models.build_model(TINY["qwen3_tied"], seed=1)
+    models.save_pretrained(ours, tmp_path, state_dict=other.state_dict())
+    ids = torch.randint(0, 101, (1, 6))
+    assert_close(models.load_pretrained(tmp_path)(ids), other(ids))
+
+
+@torch.no_grad()
+def test_low_precision_load_keeps_fp32_rope(tmp_path):
+    hf_model(TINY["llama3_scaled"]).save_pretrained(tmp_path)
+    m32 = models.load_pretrained(tmp_path)
+    m16 = models.load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    inv = m16.model.rotary_emb.inv_freq
+    assert inv.dtype == torch.float32 and torch.equal(inv, m32.model.rotary_emb.inv_freq)
+    m32.to(torch.bfloat16)  # a cast must not round the frequencies either
+    assert torch.equal(m32.model.rotary_emb.inv_freq, inv)
+    models.save_pretrained(m16, tmp_path / "bf16")
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16"
+
+
+def test_meta_build_then_to_empty_materializes_rope():
+    from models.llama import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_hf_dict(TINY["llama3_scaled"])
+    ref = LlamaForCausalLM(cfg).model.rotary_emb.inv_freq
+    with torch.device("meta"):
+        m = LlamaForCausalLM(cfg)
+    assert m.model.rotary_emb.inv_freq.is_meta
+    m.to_empty(device="cpu")
+    assert torch.equal(m.model.rotary_emb.inv_freq, ref)
+
+
+@pytest.mark.parametrize("name", ["qwen3_untied", "llama3_scaled", "qwen2_bias"])
+def test_config_round_trip(name):
+    cfg = models.build_model(TINY[name]).config
+    d = cfg.to_hf_dict()
+    assert type(cfg).from_hf_dict(d) == cfg
+    hf_cfg = transformers.AutoConfig.for_model(d["model_type"], **{k: v for k, v in d.items() if k != "model_type"})
+    back = type(cfg).from_hf_dict(hf_cfg.to_dict())  # transformers' own dict (rope_parameters format)
+    assert dataclasses.replace(back, extra={}) == cfg
+
+
+def test_tied_checkpoint_with_lm_head_is_accepted(tmp_path):
+    ours = models.build_model(TINY["llama_tied"], seed=0)
+    models.save_pretrained(ours, tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = models.load_pretrained(tmp_path)
+    assert loaded.unembedding is loaded.model.embed_tokens.weight
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path):
+    ours = models.build_model(TINY["qwen3_untied"], seed=0)
+    models.save_pretrained(ours, tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"], sd["lm_head.weight"]
+    sd["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    sd["model.layers.2.self_attn.q_norm.weight"] = torch.zeros(5)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        models.load_pretrained(tmp_path)
+    msg = str(e.value)
+    for needle in ("missing (2)", "model.layers.1.mlp.up_proj.weight", "lm_head.weight", "unexpected (1)",
+                   "model.layers.0.self_attn.extra.weight", "mis-shaped (1)",
+                   "model.layers.2.self_attn.q_norm.weight: checkpoint (5,) vs model (8,)"):
+        assert needle in msg, (needle, msg)
+
+
+def test_unsupported_model_type_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; supported: qwen3, qwen2, llama"):
+        models.load_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="supported"):
+        models.build_model({"model_type": "mistral"})
+    assert set(models.SUPPORTED_MODEL_TYPES) == {"qwen3", "qwen2", "llama"}
+
+
+def test_folder_without_weights_or_config(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        models.load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(TINY["llama_tied"]))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="safetensors"):
+        models.load_pretrained(tmp_path)
+
+
+def test_unsupported_rope_scaling_is_rejected():
+    bad = dict(TINY["llama_tied"], rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="yarn"):
+        models.build_model(bad)
+
+
+def test_import_models_is_cheap():
+    code = ("import sys, models; heavy = [m for m in ('gguf', 'tokenizers', 'transformers') "
+            "if m in sys.modules]; print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=Path(models.__file__).parent.parent)
+    assert r.stdout.strip() == "[]"
