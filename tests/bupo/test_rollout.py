@@ -1,0 +1,202 @@
+"""Built-in sampler: KV-cache decoding against a no-cache reference (a full forward over the growing sequence at
+every step), seeds, stop ids, log-probs, top-k/top-p, internal-policy sampling, weight updates."""
+
+import pytest
+import torch
+
+import models
+from bupo.rollout import BuiltinEngine, Engine, SamplingParams, sample_tokens
+
+# initializer_range 0.2 makes the tiny models' next-token distributions peaked (top-2 logit gaps ~1e-2, far above
+# the ~1e-6 difference between cached and uncached decoding), so greedy comparisons are exact.
+CONFIGS = {
+    "llama": dict(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  rope_theta=10000.0, tie_word_embeddings=True, initializer_range=0.2),
+    "qwen3": dict(model_type="qwen3", vocab_size=103, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=24, max_position_embeddings=256,
+                  rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2),
+}
+LENS = (3, 7, 1, 12)  # prompts of different lengths -> left padding in one batch
+SAMPLE = dict(temperature=1.0, top_p=0.9, top_k=20, n=3, max_new_tokens=10, seed=5)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model(request):
+    return models.build_model(CONFIGS[request.param], seed=1)
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in LENS]
+
+
+@torch.no_grad()
+def policy_logits(model, ids: list[int], layer=None, norm=False) -> torch.Tensor:
+    """No-cache reference: logits [T, V] of a full forward over `ids` (internal policy h_k E^T when layer=k)."""
+    x = torch.tensor([ids])
+    if layer is None:
+        return model(x)[0].float()
+    return (model.hidden_states(x, layer=layer, norm=norm)[0] @ model.unembedding.T).float()
+
+
+def reference_greedy(model, prompt, max_new, stop=(), layer=None, norm=False) -> list[int]:
+    ids = list(prompt)
+    for _ in range(max_new):
+        ids.append(int(policy_logits(model, ids, layer, norm)[-1].argmax()))
+        if ids[-1] in stop:
+            break
+    return ids[len(prompt):]
+
+
+def test_engine_protocol(model):
+    assert isinstance(BuiltinEngine(model), Engine)
+
+
+def test_greedy_matches_no_cache_reference(model, prompts):
+    out = BuiltinEngine(model).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+    assert [(s.prompt_index, s.sample_index) for s in out] == [(i, 0) for i in range(len(prompts))]
+    for s, p in zip(out, prompts):
+        assert s.prompt_ids == p
+        assert s.response_ids == reference_greedy(model, p, 12)
+        assert not s.finished  # hit max_new_tokens
+        # greedy log-probs are those of the raw (T = 1) distribution
+        ref = policy_logits(model, p + s.response_ids).log_softmax(-1)[len(p) - 1 : -1]
+        want = ref.gather(-1, torch.tensor(s.response_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(model, prompts):
+    p = SamplingParams(**SAMPLE)
+    base = BuiltinEngine(model).generate(prompts, p)
+    assert [(s.prompt_index, s.sample_index) for s in base] == [(i, j) for i in range(4) for j in range(3)]
+    assert len({tuple(s.response_ids) for s in base}) > 6  # samples differ from each other
+    for mbs in (1, 4, 64):  # 4: a prompt's samples split across batches
+        again = BuiltinEngine(model, max_batch_size=mbs).generate(prompts, p)
+        assert [s.response_ids for s in again] == [s.response_ids for s in base]
+        for a, b in zip(again, base):
+            torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+    # other prompts in the batch (different padding, different batch) do not change prompt 0's and 2's samples
+    swapped = [prompts[0], prompts[3][:2], prompts[2], [5] * 20]
+    other = BuiltinEngine(model).generate(swapped, p)
+    for i in (0, 2):
+        assert [s.response_ids for s in other[3 * i : 3 * i + 3]] == [s.response_ids for s in base[3 * i : 3 * i + 3]]
+    reseeded = BuiltinEngine(model).generate(prompts, SamplingParams(**{**SAMPLE, "seed": 6}))
+    assert [s.response_ids for s in reseeded] != [s.response_ids for s in base]
+
+
+def test_stop_ids_end_responses(model, prompts):
+    ref = [reference_greedy(model, p, 12) for p in prompts]
+    stop = (ref[0][2], ref[3][4])  # two ids greedy produces: rows stop at different steps (batch compaction)
+    out = BuiltinEngine(model).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=stop))
+    n_stopped = 0
+    for s, r in zip(out, ref):
+        cut = next((j + 1 for j, t in enumerate(r) if t in stop), None)
+        assert s.response_ids == (r if cut is None else r[:cut])
+        assert s.finished == (cut is not None)
+        assert len(s.logprobs) == len(s.response_ids)
+        n_stopped += s.finished
+    assert n_stopped >= 2
+
+
+def test_max_new_tokens_truncates(model, prompts):
+    out = BuiltinEngine(model).generate(prompts, SamplingParams(n=2, max_new_tokens=5, seed=1))
+    assert all(len(s.response_ids) == 5 and len(s.logprobs) == 5 and not s.finished for s in out)
+
+
+@pytest.mark.parametrize("temperature,layer", [(1.0, None), (0.7, None), (1.0, 1)])
+def test_logprobs_match_full_forward(model, prompts, temperature, layer):
+    p = SamplingParams(n=2, temperature=temperature, max_new_tokens=8, seed=3, layer=layer)
+    for s in BuiltinEngine(model).generate(prompts, p):
+        ids = prompts[s.prompt_index]
+        logits = policy_logits(model, ids + s.response_ids, layer)[len(ids) - 1 : -1] / temperature
+        want = logits.log_softmax(-1).gather(-1, torch.tensor(s.response_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("filt", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=5, top_p=1e-6)])
+def test_top_k_1_and_tiny_top_p_equal_greedy(model, prompts, filt):
+    eng = BuiltinEngine(model)
+    greedy = eng.generate(prompts, SamplingParams(temperature=0, max_new_tokens=8))
+    out = eng.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=8, n=2, **filt))
+    for s in out:
+        assert s.response_ids == greedy[s.prompt_index].response_ids
+        assert s.logprobs == [0.0] * 8  # a one-token distribution
+
+
+def test_internal_policy_last_layer_with_norm_equals_full_policy(model, prompts):
+    eng, L = BuiltinEngine(model), model.config.num_hidden_layers
+    p = SamplingParams(n=2, max_new_tokens=10, seed=11, top_p=0.95)
+    full = eng.generate(prompts, p)
+    internal = eng.generate(prompts, SamplingParams(**{**p.__dict__, "layer": L - 1, "norm": True}))
+    assert [s.response_ids for s in internal] == [s.response_ids for s in full]
+    for a, b in zip(internal, full):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layer,norm", [(0, False), (1, False), (1, True)])
+def test_internal_policy_greedy_matches_hidden_states_reference(model, prompts, layer, norm):
+    p = SamplingParams(temperature=0, max_new_tokens=8, layer=layer, norm=norm)
+    out = BuiltinEngine(model).generate(prompts, p)
+    for s, p in zip(out, prompts):
+        assert s.response_ids == reference_greedy(model, p, 8, layer=layer, norm=norm)
+
+
+def test_update_weights(model, prompts):
+    other = models.build_model(model.config.to_hf_dict(), seed=2)
+    eng = BuiltinEngine(models.build_model(model.config.to_hf_dict(), seed=1))
+    p = SamplingParams(temperature=0, max_new_tokens=8)
+    before = [s.response_ids for s in eng.generate(prompts, p)]
+    eng.update_weights(other.named_parameters())
+    after = [s.response_ids for s in eng.generate(prompts, p)]
+    assert after != before
+    assert after == [s.response_ids for s in BuiltinEngine(other).generate(prompts, p)]
+    # a subset by HF name (the head alone, tied or not)
+    eng.update_weights([("lm_head.weight", torch.zeros_like(model.lm_head.weight))])
+    assert torch.equal(eng.model.unembedding, torch.zeros_like(model.lm_head.weight))
+    with pytest.raises(ValueError, match="model.layers.99.mlp.up_proj.weight"):
+        eng.update_weights([("model.layers.99.mlp.up_proj.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match="shape"):
+        eng.update_weights([("model.norm.weight", torch.zeros(3))])
+
+
+@pytest.mark.parametrize("bad", [dict(n=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2),
+                                 dict(max_new_tokens=0), dict(layer=3)])
+def test_bad_params_raise(model, prompts, bad):
+    with pytest.raises(ValueError):
+        BuiltinEngine(model).generate(prompts, SamplingParams(**bad))
+
+
+def test_bad_prompts_raise(model):
+    with pytest.raises(ValueError, match="empty"):
+        BuiltinEngine(model).generate([[1, 2], []], SamplingParams())
+    with pytest.raises(ValueError, match="outside"):
+        BuiltinEngine(model).generate([[1, model.config.vocab_size]], SamplingParams())
+
+
+def test_sample_tokens_inverse_cdf_edges():
+    logits = torch.tensor([[0.0, 0.0, float("-inf"), 0.0]])
+    p = SamplingParams()
+    # u just below 1 picks the last token with mass, never a -inf one
+    assert sample_tokens(logits, torch.tensor([1 - 2**-24]), p)[0].item() == 3
+    assert sample_tokens(logits, torch.tensor([0.0]), p)[0].item() == 0
+    tok, lp = sample_tokens(logits, torch.tensor([0.5]), p)
+    assert tok.item() == 1 and lp.item() == pytest.approx(-torch.log(torch.tensor(3.0)).item())
+
+
+@pytest.mark.parametrize("scale", [8.0, 2.0, 0.05])  # nucleus inside the top 64, inside the top 1024, full sort
+def test_top_p_samples_from_the_nucleus(scale):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 3000, generator=g) * scale  # [B, V]
+    u = torch.rand(8, generator=g)
+    tok, lp = sample_tokens(logits, u, SamplingParams(temperature=0.9, top_p=0.8))
+    x = logits / 0.9
+    xs, idx = x.sort(-1, descending=True)
+    pr = xs.softmax(-1)
+    keep = pr.cumsum(-1) - pr < 0.8  # the smallest prefix of mass >= 0.8
+    for r in range(8):
+        nucleus = idx[r][keep[r]]
+        assert tok[r] in nucleus
+        want = x[r][nucleus].log_softmax(-1)[nucleus == tok[r]][0]
+        torch.testing.assert_close(lp[r], want, atol=1e-5, rtol=1e-5)
