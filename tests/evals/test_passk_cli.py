@@ -1,0 +1,89 @@
+"""python -m evals.passk on a tiny random model: resumable generations (stop after a batch, a truncated last line,
+a problem cut short), same final report as an uninterrupted run, no duplicated rows, settings guard."""
+
+import json
+
+import pytest
+
+import bupo.reward
+from evals import passk
+
+
+@pytest.fixture(autouse=True)
+def fake_reward(monkeypatch):
+    """A random tiny model never boxes an answer: score by response parity so the report is not all zeros."""
+    def score_batch(responses, truths, **kw):
+        return [bupo.reward.RewardResult(float(len(r) % 2 == 0), "correct" if len(r) % 2 == 0 else "wrong")
+                for r in responses]
+    monkeypatch.setattr(bupo.reward, "score_batch", score_batch)
+
+
+def _args(model, out, *extra):
+    return ["--model", str(model), "--data", "arithmetic", "--arithmetic-size", "4", "--n", "3", "--k", "1,2,16",
+            "--batch-size", "3", "--max-new-tokens", "6", "--engine", "builtin", "--seed", "5", "--out", str(out),
+            *extra]
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+
+
+def _key(r):
+    return r["dataset"], r["problem"], r["sample"]
+
+
+def test_resume_equals_straight_run(tiny_chat_model, tmp_path):
+    straight = passk.main(_args(tiny_chat_model, tmp_path / "a"))
+    assert straight["k"] == [1, 2, 3]  # capped at n
+    assert 0 < straight["datasets"]["arithmetic"]["avg"] < 1
+
+    out = tmp_path / "b"
+    assert passk.main(_args(tiny_chat_model, out, "--max-batches", "2")) is None  # stopped after 2 of 4 batches
+    assert len(_rows(out)) == 6
+    with open(out / "generations.jsonl", "a") as f:
+        f.write('{"dataset": "arithmetic", "problem": 2, "sam')  # a crash in the middle of a write
+    with pytest.warns(UserWarning, match="truncated last line"):
+        resumed = passk.main(_args(tiny_chat_model, out))
+    rows = _rows(out)
+    assert len(rows) == 12 and len({_key(r) for r in rows}) == 12
+    strip = lambda rep: {k: v for k, v in rep.items() if k != "settings"}  # noqa: E731
+    assert strip(resumed) == strip(straight)
+    assert {_key(r): r for r in rows} == {_key(r): r for r in _rows(tmp_path / "a")}
+    assert json.loads((out / "passk.json").read_text())["datasets"] == straight["datasets"]
+    assert (out / "passk.png").stat().st_size > 0
+
+    again = passk.main(_args(tiny_chat_model, out))  # nothing left to generate
+    assert strip(again) == strip(straight) and len(_rows(out)) == 12
+
+
+def test_resume_completes_a_problem_cut_short(tiny_chat_model, tmp_path):
+    out = tmp_path / "c"
+    passk.main(_args(tiny_chat_model, out, "--max-batches", "2"))
+    lines = (out / "generations.jsonl").read_text().splitlines(keepends=True)
+    (out / "generations.jsonl").write_text("".join(lines[:4]))  # problem 1 keeps 1 of its 3 samples
+    rep = passk.main(_args(tiny_chat_model, out))
+    rows = _rows(out)
+    assert len(rows) == 12 and len({_key(r) for r in rows}) == 12
+    assert rep["datasets"]["arithmetic"]["samples"] == 12
+
+
+def test_errors(tiny_chat_model, tmp_path):
+    out = tmp_path / "d"
+    passk.main(_args(tiny_chat_model, out, "--max-batches", "1"))
+    with pytest.raises(ValueError, match="other settings"):
+        passk.main(_args(tiny_chat_model, out, "--temperature", "0.5"))
+    with (out / "generations.jsonl").open("a") as f:
+        f.write("not json\n")
+    with pytest.raises(ValueError, match="line 4"):
+        passk.main(_args(tiny_chat_model, out))
+    with pytest.raises(ValueError, match="--k"):
+        passk.main(_args(tiny_chat_model, tmp_path / "e", "--k", "0,4"))
+
+
+def test_vllm_engine_missing_is_a_clear_error(tiny_chat_model, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(SystemExit, match="needs vllm"):
+        passk.main(_args(tiny_chat_model, tmp_path / "f", "--engine", "vllm"))
