@@ -36,6 +36,8 @@ class DataConfig:
     chat_template: str = ""  # raw Jinja template for base models (empty: the tokenizer's own)
     arithmetic_size: int = 2000  # rows of the built-in arithmetic task when a file is "arithmetic"
     arithmetic_max_operand: int = 20  # operands of the arithmetic task are drawn from [0, this]
+    arithmetic_ops: str = "+-*"  # operators of the arithmetic task
+    arithmetic_demos: int = 0  # solved example turns before each arithmetic question (format demonstration)
     val_max_prompts: int = 0  # cap on prompts per validation set (0: all)
 
 

@@ -165,17 +165,29 @@ def _evaluate(terms: list[int], ops: list[str]) -> int:
 
 
 def arithmetic_rows(n: int, seed: int, *, max_operand: int = 20, num_operands: int = 2, ops: str = "+-*",
-                    min_operand: int = 0, system_prompt: str | None = BOXED_SYSTEM_PROMPT) -> list[Row]:
+                    min_operand: int = 0, system_prompt: str | None = BOXED_SYSTEM_PROMPT,
+                    demos: int = 0) -> list[Row]:
     """`n` integer arithmetic questions with boxed answers, a pure function of the arguments.
 
     Difficulty knobs: operand range [min_operand, max_operand], num_operands terms, ops from "+-*".
     system_prompt None puts the boxed instruction into the user message instead.
+    demos > 0 puts that many solved user/assistant turns (the same for every row) before the question: a small
+    instruct model that never boxes its answer on its own copies the format, so RL gets a non-zero reward signal.
     """
     if n < 0 or num_operands < 2 or min_operand > max_operand or not ops or set(ops) - set("+-*"):
         raise ValueError(f"arithmetic_rows: need n >= 0, num_operands >= 2, min_operand <= max_operand and ops "
                          f"from '+-*'; got n={n}, num_operands={num_operands}, operands "
                          f"[{min_operand}, {max_operand}], ops={ops!r}")
     rng = random.Random(f"bupo-arithmetic-{seed}")  # local generator: never the global RNG
+    demo_rng = random.Random(f"bupo-arithmetic-demos-{seed}")
+    shots = []
+    for _ in range(demos):
+        terms = [demo_rng.randint(min_operand, max_operand) for _ in range(num_operands)]
+        signs = [demo_rng.choice(ops) for _ in range(num_operands - 1)]
+        expr = " ".join([str(terms[0])] + [f"{op} {t}" for op, t in zip(signs, terms[1:])]).replace("*", "\\times")
+        value = _evaluate(terms, signs)
+        shots += [{"role": "user", "content": f"What is ${expr}$?"},
+                  {"role": "assistant", "content": f"${expr} = {value}$, so the answer is \\boxed{{{value}}}."}]
     rows = []
     for i in range(n):
         terms = [rng.randint(min_operand, max_operand) for _ in range(num_operands)]
@@ -184,9 +196,9 @@ def arithmetic_rows(n: int, seed: int, *, max_operand: int = 20, num_operands: i
         expr = expr.replace("*", "\\times")
         question = f"What is ${expr}$?"
         if system_prompt is None:
-            messages = [{"role": "user", "content": f"{question} {BOXED_SYSTEM_PROMPT}"}]
+            messages = [*shots, {"role": "user", "content": f"{question} {BOXED_SYSTEM_PROMPT}"}]
         else:
-            messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+            messages = [{"role": "system", "content": system_prompt}, *shots, {"role": "user", "content": question}]
         answer = str(_evaluate(terms, signs))
         rows.append(Row(messages, answer, "arithmetic", {"expression": expr, "seed": seed}, i))
     return rows

@@ -110,6 +110,16 @@ def all_gather_1d(values: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).cpu().to(values.dtype)
 
 
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank `src`'s value on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.int64, device=dev)
+    dist.broadcast(t, src)
+    return int(t.item())
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -148,9 +148,14 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list
             old = torch.cat([s.old_logp for s in mb]).to(device) if mb[0].old_logp is not None else logp.detach()
             ref = torch.cat([s.ref_logp for s in mb]).to(device) if kl_coef and mb[0].ref_logp is not None else None
             isw = None
-            if tis_cap and mb[0].sampler_logp is not None:
+            # sampler vs trainer mismatch: only meaningful for the full policy (the sampler never samples pi^k)
+            if layer is None and mb[0].sampler_logp is not None and scale:
                 samp = torch.cat([s.sampler_logp for s in mb]).to(device)
-                isw = torch.exp(old - samp).clamp(max=tis_cap)
+                if m == 0:
+                    sums["logp_mismatch"] = sums.get("logp_mismatch", 0.0) + float((old - samp).abs().sum())
+                    sums["mismatch_tokens"] = sums.get("mismatch_tokens", 0.0) + samp.numel()
+                if tis_cap:
+                    isw = torch.exp(old - samp).clamp(max=tis_cap)
             loss, metrics = policy_loss(logp, old, adv, global_tokens=max(global_tokens, 1.0), clip_low=clip_low,
                                         clip_high=clip_high, dual_clip=dual_clip, entropy=ent,
                                         entropy_coef=entropy_coef, ref_logp=ref, kl_coef=kl_coef, is_weights=isw)
@@ -173,10 +178,13 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
-    keys = sorted(set(sums) | {"tokens", "loss"})
+    keys = sorted(set(sums) | {"tokens", "loss", "logp_mismatch", "mismatch_tokens"})
     sums = {key: sums.get(key, 0.0) for key in keys}
     tot = dict(zip(keys, all_reduce(torch.tensor([sums[k] for k in keys])).tolist()))
     n = max(tot.pop("tokens"), 1.0)
+    mismatch = (tot.pop("logp_mismatch", 0.0), tot.pop("mismatch_tokens", 0.0))
     out = {k: v / n for k, v in tot.items()}
+    if mismatch[1]:
+        out["logp_mismatch"] = mismatch[0] / mismatch[1]  # mean |trainer - sampler| log-prob, first mini-batch
     out["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return out

@@ -225,3 +225,19 @@ def test_loader_restores_exactly(steps_before):
     assert [ids(restored.next_batch()) for _ in range(8)] == [ids(ref.next_batch()) for _ in range(8)]
     with pytest.raises(ValueError, match="out of range"):
         restored.load_state_dict({"epoch": 0, "position": 10})
+
+
+def test_arithmetic_demonstration_turns_are_shared_and_correct():
+    from bupo.data import arithmetic_rows
+    rows = arithmetic_rows(5, 7, demos=2, ops="+-")
+    shots = rows[0].prompt[1:5]
+    assert [m["role"] for m in shots] == ["user", "assistant", "user", "assistant"]
+    assert all(r.prompt[1:5] == shots for r in rows)  # the same demonstrations for every row
+    for q, a in zip(shots[::2], shots[1::2]):
+        expr = q["content"][len("What is $"):-2]
+        tokens = expr.split()  # "a + b - c": only + and - here, so left to right is the right order
+        value = int(tokens[0])
+        for op, t in zip(tokens[1::2], tokens[2::2]):
+            value = value + int(t) if op == "+" else value - int(t)
+        assert a["content"].endswith(f"\\boxed{{{value}}}.")
+    assert [r.prompt[-1] for r in rows] == [r.prompt[-1] for r in arithmetic_rows(5, 7, ops="+-")]

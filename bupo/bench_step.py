@@ -1,0 +1,108 @@
+"""Phase-one vs full update step on the same rollout batch: `python -m bupo.bench_step`.
+
+Times the trainer's own update (`update_policy`: packed forward, fused log-prob/entropy, backward, AdamW step) under
+the same FSDP2 setup as training, once with the internal policy of layer k (BuPO phase one: layers 0..k only) and
+once with the full policy, side by side in one run, and prints the ratio. The default model is a random
+24-layer Llama-style config whose head is about 5% of the forward FLOPs; the issue's CPU target is a ratio <= 0.30
+at k = 3. Last stdout line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import models
+from bupo import checkpoint, parallel
+from bupo.update import Seq, phase_one_names, update_policy
+
+
+def tiny_config(layers: int, hidden: int, vocab: int) -> dict:
+    return {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 3 * hidden,
+            "num_hidden_layers": layers, "num_attention_heads": max(hidden // 64, 1),
+            "num_key_value_heads": max(hidden // 128, 1), "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "max_position_embeddings": 4096, "tie_word_embeddings": False}
+
+
+def flops_per_token(cfg: dict) -> tuple[float, float]:
+    """(decoder layers, head) forward FLOPs per token (2 x multiply-adds of the matmuls)."""
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    d = h // cfg["num_attention_heads"]
+    attn = h * d * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])
+    return 2.0 * cfg["num_hidden_layers"] * (attn + 3 * h * i), 2.0 * h * cfg["vocab_size"]
+
+
+def make_batch(n_seqs: int, prompt_len: int, resp_len: int, vocab: int, seed: int = 0) -> list[Seq]:
+    g = torch.Generator().manual_seed(seed)
+    return [Seq(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
+                torch.randint(0, vocab, (resp_len,), generator=g).tolist(),
+                advantage=float(torch.randn((), generator=g))) for _ in range(n_seqs)]
+
+
+def time_step(model, opt, seqs, info, layer, k, repeats: int, token_budget: int) -> list[float]:
+    trainable = [p for n, p in model.named_parameters() if phase_one_names(n, k)] if layer is not None else None
+    times = []
+    for _ in range(repeats + 1):  # first call is warm-up
+        t0 = time.perf_counter()
+        update_policy(model, opt, seqs, info=info, layer=layer, norm=False, temperature=1.0, mini_batches=1,
+                      token_budget=token_budget, clip_low=0.2, clip_high=0.2, dual_clip=10.0, grad_clip=1.0,
+                      trainable=trainable)
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bupo.bench_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=8192, help="with the defaults the head is ~5%% of forward FLOPs")
+    p.add_argument("--k", type=int, default=3, help="internal layer (0-based)")
+    p.add_argument("--seqs", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--resp-len", type=int, default=192)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on CUDA")
+    args = p.parse_args(argv)
+    if not 0 <= args.k < args.layers:
+        raise SystemExit(f"error: --k={args.k} must be in 0..{args.layers - 1}")
+    info = parallel.init_distributed(args.device)
+    cfg = tiny_config(args.layers, args.hidden, args.vocab)
+    body, head = flops_per_token(cfg)
+    compute = getattr(torch, args.dtype) if info.device.type == "cuda" else torch.float32
+    seqs = make_batch(args.seqs, args.prompt_len, args.resp_len, args.vocab)
+    results = {}
+    for name, layer in (("phase_one", args.k), ("full", None)):
+        torch.manual_seed(0)
+        model = models.build_model(cfg, dtype=torch.float32, device=info.device)
+        parallel.apply_fsdp(model, info, param_dtype=compute)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
+        checkpoint.init_adamw_state(opt)
+        results[name] = time_step(model, opt, seqs, info, layer, args.k, args.repeats, token_budget=1 << 30)
+        del model, opt
+    med = {k: statistics.median(v) for k, v in results.items()}
+    ratio = med["phase_one"] / med["full"]
+    ideal = ((args.k + 1) / args.layers * body + head) / (body + head)
+    if info.is_main:
+        print(f"model: {args.layers} layers, H={args.hidden}, V={args.vocab}; head = {head / (body + head):.1%} of "
+              f"forward FLOPs; batch {args.seqs} x ({args.prompt_len} + {args.resp_len}) tokens; {info.device}")
+        print("| step | median s | min s | max s |\n|---|---|---|---|")
+        for k, v in results.items():
+            print(f"| {k} (layer {'k=' + str(args.k) if k == 'phase_one' else 'all'}) | {med[k]:.3f} | "
+                  f"{min(v):.3f} | {max(v):.3f} |")
+        print(f"phase-one / full step time: {ratio:.3f} (FLOP ratio {ideal:.3f}; target <= 0.30 at k=3)")
+    out = {"ratio": ratio, "flop_ratio": ideal, "phase_one_s": med["phase_one"], "full_s": med["full"],
+           "layers": args.layers, "k": args.k, "hidden": args.hidden, "vocab": args.vocab,
+           "device": str(info.device), "torch": torch.__version__}
+    if info.is_main:
+        print(json.dumps(out))
+    parallel.destroy()
+    return out
+
+
+if __name__ == "__main__":
+    main()

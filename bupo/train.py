@@ -1,0 +1,340 @@
+"""GRPO / BuPO trainer: `python -m bupo.train --config FILE.toml [--section.field=value ...]`, also under torchrun.
+
+One step: rollout -> reward -> advantages -> old log-probs -> update -> sync -> eval -> checkpoint. Steps count from
+1; steps 1..bupo.iterative_steps optimize the internal policy pi^k (phase "internal": layers 0..k run, layers
+above k and the final norm are never run nor stepped), later steps the full policy (phase "full").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import models
+from bupo import checkpoint, parallel
+from bupo.config import Config, load_config
+from bupo.data import PromptLoader, arithmetic_rows, load_rows, render_prompts
+from bupo.loss import group_advantages, zero_variance_groups
+from bupo.metrics import MetricsLogger, peak_mem_gb, plot_curves, read_jsonl, summary_line
+from bupo.reward import score_batch
+from bupo.rollout import BuiltinEngine, SamplingParams
+from bupo.tokenizer import Tokenizer
+from bupo.update import Seq, compute_logprobs, phase_one_names, update_policy
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# --- setup helpers ------------------------------------------------------------------------------------------------
+
+def resolve_model_path(path: str) -> Path:
+    """'smollm2' -> the packaged SmolLM2-135M-Instruct (converted from GGUF once); else a local HF folder."""
+    if path == "smollm2":
+        return models.smollm2_path()
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"model.path={path!r}: no config.json there; give a local Hugging Face model folder "
+                         "(weights cannot be downloaded at run time) or 'smollm2'")
+    return p
+
+
+def load_prompts(cfg: Config, tok: Tokenizer, names: list[str], *, seed: int, log) -> dict[str, list]:
+    """Rendered prompts per dataset name ('arithmetic' is the built-in task, generated from `seed`)."""
+    out = {}
+    for name in names:
+        if name == "arithmetic":
+            rows = arithmetic_rows(cfg.data.arithmetic_size, seed, max_operand=cfg.data.arithmetic_max_operand,
+                                   ops=cfg.data.arithmetic_ops, demos=cfg.data.arithmetic_demos)
+            stats = {"rows_total": len(rows)}
+        else:
+            rows, stats = load_rows(name)
+        prompts, rstats = render_prompts(rows, tok, max_prompt_length=cfg.data.max_prompt_length,
+                                         truncation=cfg.data.truncation, enable_thinking=cfg.data.enable_thinking,
+                                         template=cfg.data.chat_template or None)
+        log(f"[data] {name}: {len(prompts)} prompts ({json.dumps({**stats, **rstats})})")
+        out[name] = prompts
+    return out
+
+
+def make_engine(cfg: Config, path: Path, info: parallel.DistInfo, tok: Tokenizer, compute_dtype: torch.dtype):
+    kind = cfg.rollout.engine
+    if kind == "auto":
+        kind = "builtin"
+        if info.device.type == "cuda":
+            try:
+                import vllm  # noqa: F401
+                kind = "vllm"
+            except ImportError:
+                warnings.warn("rollout.engine='auto': vllm is not installed, falling back to the built-in engine")
+    if kind == "vllm":
+        from bupo.vllm_engine import VLLMEngine
+        # one seed per tensor-parallel group: its ranks run one engine together (requests carry their own seeds)
+        return VLLMEngine(str(path), seed=cfg.trainer.seed + info.rank // cfg.rollout.tensor_parallel_size,
+                          dtype=compute_dtype,
+                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                          tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                          max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+                          vocab_size=tok.vocab_size)
+    return BuiltinEngine(models.load_pretrained(path, dtype=compute_dtype, device=info.device),
+                         max_batch_size=cfg.rollout.max_batch_size)
+
+
+def sync_weights(model, engine, k: int | None) -> int:
+    """Stream full tensors to the rollout engine in bounded buckets (only layers 0..k and the head when k is given,
+    cast to the engine's dtype before the FSDP all-gather when it has one); returns the bytes sent."""
+    from bupo import weight_sync
+
+    sent = 0
+
+    def tensors():
+        nonlocal sent
+        for bucket, nbytes in weight_sync.iter_full_tensors(model, weight_sync.sync_names(model, k),
+                                                            dtype=getattr(engine, "dtype", None)):
+            sent += nbytes
+            yield from bucket
+
+    engine.update_weights(tensors())
+    return sent
+
+
+def sampling(cfg: Config, tok: Tokenizer, seed: int, *, n: int | None = None,
+             max_new_tokens: int | None = None) -> SamplingParams:
+    return SamplingParams(n=n or cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                          top_k=cfg.rollout.top_k, max_new_tokens=max_new_tokens or cfg.rollout.max_new_tokens,
+                          seed=seed, stop_token_ids=tuple(tok.stop_token_ids))
+
+
+def validate(cfg: Config, engine, tok: Tokenizer, val_sets: dict, info: parallel.DistInfo, step: int) -> dict:
+    """avg@val_n accuracy per validation set (each rank samples a strided share of the prompts)."""
+    out = {}
+    for name, prompts in val_sets.items():
+        mine = prompts[info.rank::info.world_size]
+        params = sampling(cfg, tok, 10_000_019 * (step + 1) + info.rank, n=cfg.trainer.val_n,
+                          max_new_tokens=cfg.trainer.val_max_new_tokens or None)
+        samples = engine.generate([p.ids for p in mine], params)  # also when empty: TP ranks generate together
+        truths = [mine[s.prompt_index].row.ground_truth for s in samples]
+        res = score_batch([tok.decode(s.response_ids) for s in samples], truths)
+        correct, total = parallel.all_reduce(torch.tensor([sum(r.score for r in res), len(res)])).tolist()
+        out[f"val/{name}"] = correct / max(total, 1)
+    return out
+
+
+def choose_internal_layer(cfg: Config, model, engine, tok: Tokenizer, prompts: list, log) -> int:
+    """bupo.internal_layer = 'auto': the boundary layer of the entropy flow on a few training prompts."""
+    from bupo.analysis import boundary_layer, entropy_flow
+
+    picked = prompts[: cfg.bupo.auto_prompts]
+    samples = engine.generate([p.ids for p in picked], sampling(cfg, tok, cfg.trainer.seed, n=1))
+    flow = entropy_flow(model, [(s.prompt_ids, s.response_ids) for s in samples], norm=cfg.bupo.norm,
+                        temperature=cfg.rollout.temperature)
+    k = int(parallel.broadcast_int(boundary_layer(flow)))  # every rank trains the same layer
+    log(f"[bupo] internal_layer=auto -> {k} (0-based; paper layer {k + 1}): last layer with mean FFN entropy "
+        f"change > 0 over {sum(len(s.response_ids) for s in samples)} response tokens")
+    return k
+
+
+def export_final(model, tok: Tokenizer, out: Path, info: parallel.DistInfo) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if info.is_main:
+        models.save_pretrained(model, out / "final", state_dict=sd)
+        tok.save(out / "final")
+    parallel.barrier()
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+def run(cfg: Config) -> list[dict]:
+    info = parallel.init_distributed(cfg.trainer.device)
+    log = (lambda msg: tqdm.write(msg)) if info.is_main else (lambda msg: None)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    torch.manual_seed(cfg.trainer.seed + info.rank)
+    for name, value in (("data.batch_size", cfg.data.batch_size),
+                        ("algo.ppo_mini_batch_size", cfg.algo.ppo_mini_batch_size)):
+        if value % info.world_size:
+            raise ValueError(f"{name}={value} must be a multiple of the world size {info.world_size}")
+    out = Path(cfg.trainer.out_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    path = resolve_model_path(cfg.model.path)
+    tok = Tokenizer.from_pretrained(path)
+    compute_dtype = DTYPES[cfg.model.dtype] if info.device.type == "cuda" else torch.float32
+    model = models.load_pretrained(path, dtype=torch.float32, device=info.device)  # fp32 master weights
+    cfg.validate(model.config.num_hidden_layers)
+    train_sets = load_prompts(cfg, tok, cfg.data.train_files, seed=cfg.trainer.seed, log=log)
+    train_prompts = [p for ps in train_sets.values() for p in ps]
+    if not train_prompts:
+        raise ValueError(f"data.train_files={cfg.data.train_files}: no usable prompts")
+    val_sets = {}
+    if cfg.trainer.val_every:
+        val_sets = load_prompts(cfg, tok, cfg.data.val_files, seed=cfg.trainer.seed + 1, log=log)
+        if cfg.data.val_max_prompts:
+            val_sets = {k: v[: cfg.data.val_max_prompts] for k, v in val_sets.items()}
+    loader = PromptLoader(train_prompts, cfg.data.batch_size, cfg.trainer.seed)
+    engine = make_engine(cfg, path, info, tok, compute_dtype)
+    k = cfg.bupo.internal_layer
+    if k == "auto":
+        k = choose_internal_layer(cfg, model, engine, tok, train_prompts, log)
+    if info.is_main:
+        resolved = cfg.to_dict()
+        resolved["bupo"]["internal_layer_resolved"] = k
+        (out / "config.json").write_text(json.dumps(resolved, indent=1))
+        log("[config] " + json.dumps(resolved))
+    parallel.apply_fsdp(model, info, param_dtype=compute_dtype, compile=cfg.model.compile,
+                        activation_checkpointing=cfg.model.activation_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    checkpoint.init_adamw_state(optimizer)
+    warm = cfg.optim.warmup_steps * (cfg.data.batch_size // cfg.algo.ppo_mini_batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
+    ref_model = None
+    if cfg.algo.kl_coef > 0:
+        ref_model = parallel.apply_fsdp(models.load_pretrained(path, dtype=torch.float32, device=info.device),
+                                        info, param_dtype=compute_dtype).requires_grad_(False)
+    trainable = [p for n, p in model.named_parameters() if phase_one_names(n, k)]
+    start = 1
+    ckpt = checkpoint.latest(out)
+    if ckpt is not None:
+        state = checkpoint.load(ckpt, model, optimizer, info)
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        start = state["step"] + 1
+        sync_weights(model, engine, None)
+        log(f"[resume] from {ckpt} (step {state['step']})")
+    logger = MetricsLogger(out, enabled=info.is_main, resume_step=start - 1, wandb=cfg.trainer.wandb,
+                           tensorboard=cfg.trainer.tensorboard, config=cfg.to_dict())
+    n, s_inter = cfg.rollout.n, cfg.bupo.iterative_steps
+    per_rank = cfg.data.batch_size // info.world_size
+    mini_batches = cfg.data.batch_size // cfg.algo.ppo_mini_batch_size
+    bar = tqdm(range(start, cfg.trainer.total_steps + 1), disable=not info.is_main, desc="train", unit="step",
+               initial=start - 1, total=cfg.trainer.total_steps)
+    for step in bar:
+        t_step = time.perf_counter()
+        phase = "internal" if step <= s_inter else "full"
+        layer = k if phase == "internal" else None
+        norm = cfg.bupo.norm and phase == "internal"
+        # --- rollout (full policy, this rank's share of the global batch)
+        t0 = time.perf_counter()
+        batch = loader.next_batch()[info.rank * per_rank:(info.rank + 1) * per_rank]
+        engine.wake_up()
+        samples = engine.generate([p.ids for p in batch], sampling(cfg, tok, cfg.trainer.seed * 1_000_003 + step * 7919
+                                                                   + info.rank))
+        engine.sleep()
+        time_rollout = time.perf_counter() - t0
+        # --- reward
+        t0 = time.perf_counter()
+        results = score_batch([tok.decode(s.response_ids) for s in samples],
+                              [batch[s.prompt_index].row.ground_truth for s in samples])
+        rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
+        time_reward = time.perf_counter() - t0
+        # --- advantages (group statistics are local: a prompt's n samples live on one rank)
+        all_rewards = parallel.all_gather_1d(rewards)
+        adv_all = group_advantages(all_rewards, n, estimator=cfg.algo.adv_estimator,
+                                   norm_by_std=cfg.algo.norm_adv_by_std, eps=cfg.algo.adv_eps)
+        adv = adv_all[info.rank * len(samples):(info.rank + 1) * len(samples)]
+        zero_var = zero_variance_groups(rewards, n)
+        seqs = [Seq(s.prompt_ids, s.response_ids, advantage=float(a),
+                    sampler_logp=torch.tensor(s.logprobs, dtype=torch.float32),
+                    active=not (cfg.algo.filter_zero_variance and bool(zero_var[i // n])))
+                for i, (s, a) in enumerate(zip(samples, adv.tolist()))]
+        # --- old log-probs under the policy being optimized (skipped with one update per step and no KL)
+        t0 = time.perf_counter()
+        lp_kw = dict(layer=layer, norm=norm, temperature=cfg.rollout.temperature,
+                     token_budget=cfg.algo.micro_batch_tokens)
+        if mini_batches > 1 or cfg.rollout.tis_cap:
+            for s, lp in zip(seqs, compute_logprobs(model, seqs, **lp_kw)):
+                s.old_logp = lp
+        if ref_model is not None:
+            for s, lp in zip(seqs, compute_logprobs(ref_model, seqs, **lp_kw)):
+                s.ref_logp = lp
+        time_logprob = time.perf_counter() - t0
+        # --- update
+        t0 = time.perf_counter()
+        m = update_policy(model, optimizer, seqs, info=info, layer=layer, norm=norm,
+                          temperature=cfg.rollout.temperature, mini_batches=mini_batches,
+                          token_budget=cfg.algo.micro_batch_tokens, clip_low=cfg.algo.clip_low,
+                          clip_high=cfg.algo.clip_high, dual_clip=cfg.algo.dual_clip,
+                          entropy_coef=cfg.algo.entropy_coef, kl_coef=cfg.algo.kl_coef,
+                          grad_clip=cfg.optim.grad_clip, tis_cap=cfg.rollout.tis_cap,
+                          trainable=trainable if phase == "internal" else None, scheduler=scheduler)
+        time_update = time.perf_counter() - t0
+        # --- sync weights to the rollout engine (phase one: only layers 0..k and the head changed)
+        t0 = time.perf_counter()
+        sync_bytes = sync_weights(model, engine, layer)
+        time_sync = time.perf_counter() - t0
+        # --- metrics
+        resp_len = torch.tensor([float(len(s.response_ids)) for s in samples])
+        prompt_len = torch.tensor([float(len(s.prompt_ids)) for s in samples])
+        reasons = Counter(r.reason for r in results)
+        reason_keys = ("correct", "wrong", "no_answer", "parse_error", "timeout")
+        stats = parallel.all_reduce(torch.tensor([
+            rewards.sum(), float(sum(r.score == 1.0 for r in results)), len(samples), resp_len.sum(),
+            prompt_len.sum(), float(sum(not s.finished for s in samples)), float(zero_var.sum()), len(zero_var),
+            *[reasons[r] for r in reason_keys]])).tolist()
+        total = max(stats[2], 1.0)
+        record = {"step": step, "phase": phase, "internal_layer": k if phase == "internal" else None,
+                  "reward_mean": stats[0] / total, "accuracy": stats[1] / total, "loss": m["loss"],
+                  "entropy": m.get("entropy", float("nan")), "grad_norm": m["grad_norm"], "clip_frac": m["clip_frac"],
+                  "approx_kl": m["approx_kl"], "response_len_mean": stats[3] / total, "truncated_frac": stats[5] / total,
+                  "zero_var_frac": stats[6] / max(stats[7], 1.0), "lr": scheduler.get_last_lr()[0],
+                  **{f"reward/{r}": stats[8 + i] / total for i, r in enumerate(reason_keys)},
+                  **{key: m[key] for key in ("kl_ref", "logp_mismatch") if key in m},
+                  "time_rollout": time_rollout, "time_reward": time_reward, "time_logprob": time_logprob,
+                  "time_update": time_update, "time_sync": time_sync, "sync_mb": sync_bytes / 2**20}
+        # --- eval
+        if cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or step == cfg.trainer.total_steps):
+            record.update(validate(cfg, engine, tok, val_sets, info, step))
+        record["time_step"] = time.perf_counter() - t_step
+        record["tokens_per_s"] = (stats[3] + stats[4]) / record["time_step"]
+        record["peak_mem_gb"] = peak_mem_gb(info.device)
+        logger.log(record)
+        log(summary_line(record))
+        # --- checkpoint
+        if cfg.trainer.save_every and (step % cfg.trainer.save_every == 0 or step == cfg.trainer.total_steps):
+            checkpoint.save(out, step, model, optimizer, {"loader": loader.state_dict(),
+                                                          "scheduler": scheduler.state_dict()},
+                            info, keep=cfg.trainer.keep_checkpoints)
+    logger.close()
+    if cfg.trainer.export:
+        export_final(model, tok, out, info)
+    records = read_jsonl(out / "metrics.jsonl") if info.is_main else []
+    if info.is_main:
+        if cfg.trainer.plot:
+            plot_curves(records, out / "curves.png", title=f"{path.name}: s_inter={s_inter}, k={k}")
+        print(final_table(records))
+    parallel.destroy()
+    return records
+
+
+def final_table(records: list[dict]) -> str:
+    """Markdown table of the run: one row per step."""
+    cols = ("step", "phase", "reward_mean", "accuracy", "entropy", "response_len_mean", "time_step")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        cells = [r.get(c) for c in cols]
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) and not math.isnan(v) else str(v)
+                                       for v in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(load_config(argv))
+    except ValueError as e:  # bad user input (config, data, model folder): the message names the field
+        if os.environ.get("BUPO_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

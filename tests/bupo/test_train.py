@@ -1,0 +1,128 @@
+"""The trainer end to end on a tiny random Llama with the real SmolLM2 tokenizer: metrics contract, phase switch,
+upper layers untouched in phase one, exact resume, HF export, clear errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import models
+from bupo.config import load_config
+from bupo.train import main, run
+
+TIMING = {"time_rollout", "time_reward", "time_logprob", "time_update", "time_sync", "time_step", "tokens_per_s",
+          "peak_mem_gb"}
+REQUIRED = {"step", "phase", "reward_mean", "accuracy", "loss", "entropy", "grad_norm", "clip_frac", "approx_kl",
+            "response_len_mean", "truncated_frac"} | TIMING
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 4-layer random Llama saved as an HF folder with SmolLM2's tokenizer files."""
+    d = tmp_path_factory.mktemp("tiny")
+    tok_src = models.smollm2_path()
+    cfg = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+           "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True}
+    models.save_pretrained(models.build_model(cfg, seed=0), d)
+    for f in tok_src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def _args(model: Path, out: Path, steps: int, **extra) -> list[str]:
+    base = {"model.path": model, "trainer.out_dir": out, "trainer.total_steps": steps, "trainer.seed": 3,
+            "trainer.save_every": 2, "data.train_files": "arithmetic", "data.arithmetic_size": 64,
+            "data.batch_size": 2, "algo.ppo_mini_batch_size": 1, "rollout.n": 2, "rollout.max_new_tokens": 6,
+            "bupo.internal_layer": 1, "bupo.iterative_steps": 2, "optim.lr": 1e-3, "trainer.plot": "false",
+            "trainer.threads": 1}
+    base.update(extra)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def _strip(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    return out, run(load_config(_args(tiny_model, out, 4)))
+
+
+def test_metrics_contract_and_phase_switch(straight):
+    out, records = straight
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == records and [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert REQUIRED <= r.keys(), REQUIRED - r.keys()
+    assert [r["phase"] for r in records] == ["internal", "internal", "full", "full"]
+    assert all(r["entropy"] > 0 for r in records)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["bupo"]["internal_layer"] == 1 and saved["trainer"]["total_steps"] == 4
+
+
+def test_resume_equals_no_resume(tiny_model, tmp_path, straight):
+    out_a, rec_a = straight
+    out_b = tmp_path / "b"
+    run(load_config(_args(tiny_model, out_b, 2)))  # stops after the step-2 checkpoint
+    assert (out_b / "checkpoints" / "step_000002").is_dir()
+    rec_b = run(load_config(_args(tiny_model, out_b, 4)))  # resumes at step 3
+    assert _strip(rec_b) == _strip(rec_a)
+    wa, wb = load_file(out_a / "final" / "model.safetensors"), load_file(out_b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoints_are_complete_and_pruned(straight):
+    out, _ = straight
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_000002", "step_000004"]  # keep_checkpoints = 2, no .tmp left behind
+    state = json.loads((out / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and "loader" in state
+
+
+def test_export_loads_in_transformers(straight, tiny_model):
+    transformers = pytest.importorskip("transformers")
+    out, _ = straight
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    ours = models.load_pretrained(out / "final")
+    ids = torch.tensor([[1, 5, 9, 200, 3000]])
+    torch.testing.assert_close(hf(ids).logits, ours(ids))
+    tok = transformers.AutoTokenizer.from_pretrained(out / "final")
+    assert tok.decode(tok.encode("2 + 3 = 5")) == "2 + 3 = 5"
+    # phase one left layers 2, 3 bit-identical; phase two moved them (weight decay at least)
+    init = models.load_pretrained(tiny_model)
+    final = dict(ours.named_parameters())
+    for n, p in init.named_parameters():
+        assert not torch.equal(p, final[n]), f"{n} never moved"
+
+
+def test_phase_one_only_keeps_upper_layers_bit_identical(tiny_model, tmp_path):
+    out = tmp_path / "p1"
+    run(load_config(_args(tiny_model, out, 2)))
+    init = dict(models.load_pretrained(tiny_model).named_parameters())
+    after = dict(models.load_pretrained(out / "final").named_parameters())
+    for n, p in init.items():
+        lower = n.startswith("model.embed_tokens") or n.startswith(("model.layers.0.", "model.layers.1."))
+        assert torch.equal(p, after[n]) != lower, n
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--bupo.internal_layer=4", "bupo.internal_layer"),
+    ("--bupo.iterative_steps=9", "bupo.iterative_steps"),
+    ("--algo.clip_high=-1", "algo.clip_high"),
+])
+def test_bad_config_exits_with_field_name(tiny_model, tmp_path, capsys, override, field):
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny_model, tmp_path / "bad", 4) + [override])
+    assert field in str(e.value)
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--model.path", str(tmp_path / "nope"), "--trainer.out_dir", str(tmp_path / "o")])
+    assert "model.path" in str(e.value) and "config.json" in str(e.value)
