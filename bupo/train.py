@@ -35,17 +35,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 # --- setup helpers ------------------------------------------------------------------------------------------------
 
-def resolve_model_path(path: str) -> Path:
-    """'smollm2' -> the packaged SmolLM2-135M-Instruct (converted from GGUF once); else a local HF folder."""
-    if path == "smollm2":
-        return models.smollm2_path()
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise ValueError(f"model.path={path!r}: no config.json there; give a local Hugging Face model folder "
-                         "(weights cannot be downloaded at run time) or 'smollm2'")
-    return p
-
-
 def load_prompts(cfg: Config, tok: Tokenizer, names: list[str], *, seed: int, log) -> dict[str, list]:
     """Rendered prompts per dataset name ('arithmetic' is the built-in task, generated from `seed`)."""
     out = {}
@@ -141,6 +130,21 @@ def choose_internal_layer(cfg: Config, model, engine, tok: Tokenizer, prompts: l
     return k
 
 
+def check_resume_config(out: Path, resolved: dict) -> None:
+    """A rerun into an out_dir with a checkpoint resumes it, so it must be the same experiment: every setting
+    outside [trainer] (which may extend or re-time a run) must match the saved config.json."""
+    saved_path = out / "config.json"
+    if checkpoint.latest(out) is None or not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    diffs = [f"{sec}.{key}: {saved.get(sec, {}).get(key)!r} -> {value!r}"
+             for sec, fields in resolved.items() if sec != "trainer"
+             for key, value in fields.items() if saved.get(sec, {}).get(key) != value]
+    if diffs:
+        raise ValueError(f"trainer.out_dir={str(out)!r} holds a checkpointed run with other settings "
+                         f"({'; '.join(diffs)}); a rerun there resumes it. Use another trainer.out_dir or delete it")
+
+
 def export_final(model, tok: Tokenizer, out: Path, info: parallel.DistInfo) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -166,7 +170,7 @@ def run(cfg: Config) -> list[dict]:
     out = Path(cfg.trainer.out_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    path = resolve_model_path(cfg.model.path)
+    path = models.resolve_model_path(cfg.model.path, flag="model.path")
     tok = Tokenizer.from_pretrained(path)
     compute_dtype = DTYPES[cfg.model.dtype] if info.device.type == "cuda" else torch.float32
     model = models.load_pretrained(path, dtype=torch.float32, device=info.device)  # fp32 master weights
@@ -185,9 +189,10 @@ def run(cfg: Config) -> list[dict]:
     k = cfg.bupo.internal_layer
     if k == "auto":
         k = choose_internal_layer(cfg, model, engine, tok, train_prompts, log)
+    resolved = cfg.to_dict()
+    resolved["bupo"]["internal_layer_resolved"] = k
+    check_resume_config(out, resolved)
     if info.is_main:
-        resolved = cfg.to_dict()
-        resolved["bupo"]["internal_layer_resolved"] = k
         (out / "config.json").write_text(json.dumps(resolved, indent=1))
         log("[config] " + json.dumps(resolved))
     parallel.apply_fsdp(model, info, param_dtype=compute_dtype, compile=cfg.model.compile,

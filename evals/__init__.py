@@ -3,15 +3,9 @@
 
 from pathlib import Path
 
+import models
+
 
 def resolve_model(name: str) -> Path:
     """'smollm2' -> the packaged SmolLM2-135M-Instruct (converted from GGUF once); else a local HF folder."""
-    if name == "smollm2":
-        import models
-
-        return models.smollm2_path()
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--model {name!r}: no config.json there; give a local Hugging Face model folder "
-                         "or 'smollm2'")
-    return path
+    return models.resolve_model_path(name, flag="--model")

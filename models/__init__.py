@@ -9,7 +9,7 @@ GGUF conversion (`convert_gguf`, `smollm2_path`) imports the `gguf` and `tokeniz
 """
 
 from .attention import KVCache
-from .gguf import convert_gguf, smollm2_path
+from .gguf import convert_gguf, resolve_model_path, smollm2_path
 from .hf_io import SUPPORTED_MODEL_TYPES, build_model, load_pretrained, save_pretrained
 from .llama import LlamaConfig, LlamaForCausalLM
 from .qwen3 import Qwen3Config, Qwen3ForCausalLM
@@ -24,6 +24,7 @@ __all__ = [
     "build_model",
     "convert_gguf",
     "load_pretrained",
+    "resolve_model_path",
     "save_pretrained",
     "smollm2_path",
 ]

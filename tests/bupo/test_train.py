@@ -126,3 +126,10 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--model.path", str(tmp_path / "nope"), "--trainer.out_dir", str(tmp_path / "o")])
     assert "model.path" in str(e.value) and "config.json" in str(e.value)
+
+
+def test_rerun_with_other_settings_into_a_checkpointed_dir_is_refused(tiny_model, straight):
+    out, _ = straight
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny_model, out, 6, **{"bupo.iterative_steps": 0}))
+    assert "bupo.iterative_steps: 2 -> 0" in str(e.value)
