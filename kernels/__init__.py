@@ -1,0 +1,11 @@
+"""Fused kernels: log-prob and entropy of softmax(h W^T / T) without materializing [N, V] logits.
+
+linear_logprob_entropy(hidden, weight, labels, *, temperature, ignore_index, backend) -> (logp, entropy)
+linear_entropy(hidden, weight, *, temperature, backend) -> entropy          (forward only)
+linear_entropy_many(hiddens, weight, *, temperature, backend) -> [entropy]  (one pass over weight)
+Microbenchmarks: python -m kernels.bench --help
+"""
+from kernels.linear_entropy import linear_entropy, linear_entropy_many
+from kernels.linear_logprob_entropy import linear_logprob_entropy
+
+__all__ = ["linear_logprob_entropy", "linear_entropy", "linear_entropy_many"]

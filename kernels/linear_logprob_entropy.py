@@ -1,0 +1,441 @@
+"""Fused linear log-prob + entropy: (h, W, y, T) -> (log p(y), entropy) without holding [N, V] logits.
+
+Legend: N rows (tokens), H hidden size, V vocabulary, T temperature; h [N, H], W [V, H], y [N] int.
+    z = h W^T / T                     [N, V] logits (the "torch"/"triton" backends hold one tile at a time)
+    m = max_j z_j,  s = sum_j exp(z_j - m),  lse = m + log s,  p = exp(z - lse),  t = z - lse = log p
+    logp = (z_y - m) - log s          [N] fp32 (not z_y - lse: lse ~ |z| would cost digits)
+    entropy = -sum_j p_j t_j = log s - sum_j exp(z_j - m) (z_j - m) / s          [N] fp32
+Backward, for upstream gradients g_lp, g_H [N] (exact, so an entropy bonus works):
+    dz_j = g_lp (1[j=y] - p_j) - g_H p_j (z_j - sum_i p_i z_i)
+         = g_lp 1[j=y] + p_j (beta t_j + gamma),  beta = -g_H,  gamma = -(g_lp + g_H entropy)
+    (as z_j - sum_i p_i z_i = t_j + entropy);  dh = dz W / T,  dW = dz^T h / T.
+Rows whose label is `ignore_index` return 0 for both outputs and get zero gradient.
+
+Saved for backward: h, W, y (references, no copies, so an FSDP2-unsharded or tied weight works as is) and per
+row lse as an fp32 hi + lo pair and the entropy (fp32 [N] each); the logits are recomputed tile by tile.
+FLOPs: forward 2NHV; backward 6NHV (recompute 2NHV, dh 2NHV, dW 2NHV), so 8NHV forward+backward
+(a materializing implementation does 6NHV but holds several [N, V] tensors).
+
+Backends (all share the math above; "naive" is the spec the others are tested against):
+- "triton": the forward kernel streams V in tiles per block of rows (online max / sum-exp / sum e*(z - m),
+  tl.dot with fp32 accumulation), split over V when there are few row blocks, with a tiny combine. The
+  backward recomputes logit tiles into a dz chunk of bounded size [N, Vc] (dz never exists whole) and
+  multiplies it by W_c (dh, fp32 accumulator) and by h (dW_c) with a tiled GEMM kernel. Runs on CUDA, and on
+  CPU under TRITON_INTERPRET=1 (how the tests run it).
+- "torch": the same tiling with PyTorch ops on [rows, Vc] tiles of at most CHUNK_BYTES, V chunks outer (W is
+  read once per pass); the CPU default. CPU GEMMs on denormal floats ran ~200x slower here, and
+  torch.set_flush_denormal only reaches the calling thread (not the OpenMP workers), so no global state is
+  touched; instead log-probs below -FLUSH_BELOW are clamped (adds < V exp(-50) relative mass) and dz is
+  normalized per row, so no tile holds a denormal.
+- "naive": a plain PyTorch model's computation (logits = h @ W^T in the input dtype, then fp32 log-softmax).
+- "auto": "triton" for CUDA tensors, "torch" otherwise.
+"""
+import functools
+import math
+import os
+import types
+import warnings
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS/Windows laptops: the "torch" and "naive" backends need no triton
+    triton = None
+    tl = types.SimpleNamespace(constexpr=None)
+
+BACKENDS = ("auto", "triton", "torch", "naive")
+CHUNK_BYTES = 16 << 20  # "torch": bytes of one logits tile (two are live); "triton": dz chunk / 8
+TILE_COLS = 8192  # "torch": vocabulary columns per tile
+FLUSH_BELOW = 50.0  # "torch": log-probs below -FLUSH_BELOW are clamped, keeping every tile free of denormals
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+# --- Triton kernels ---------------------------------------------------------------------------------------
+@_jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":  # the CPU interpreter mis-multiplies bf16; fp32 products of bf16/fp16 are exact
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@_jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, N, v_end, H, stride_h, stride_w, inv_t,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    """z[rows, cols] = h[rows] . W[cols] / T in fp32; columns >= v_end are -inf (they must add no mass)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        k = k0 + tl.arange(0, BLOCK_H)
+        a = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :], mask=(rows[:, None] < N) & (k[None, :] < H),
+                    other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * stride_w + k[:, None], mask=(cols[None, :] < v_end) & (k[:, None] < H),
+                    other=0.0)
+        acc = _dot(a, b, acc, PRECISION)
+    return tl.where(cols[None, :] < v_end, acc * inv_t, float("-inf"))
+
+
+@_jit
+def _fwd_kernel(h_ptr, w_ptr, y_ptr, stats_ptr, N, V, H, stride_h, stride_w, inv_t, TILES_PER_SPLIT,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (row block, V split): running max m, sum-exp s, sum e*(z - m) q and label logit zy -> stats[4, S, N]."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    num_s = tl.num_programs(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y = tl.load(y_ptr + rows, mask=rows < N, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    q = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    for i in range(TILES_PER_SPLIT):  # the first tile of every split is inside V (see _triton_forward)
+        cols = (pid_s * TILES_PER_SPLIT + i) * BLOCK_V + tl.arange(0, BLOCK_V)
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
+                         BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        t = z - m_new[:, None]
+        e = tl.exp(t)  # padded columns: exp(-inf) = 0
+        et = e * tl.where(cols[None, :] < V, t, 0.0)  # not e * t there: 0 * -inf = nan
+        q = alpha * (q + s * tl.where(s > 0, m - m_new, 0.0)) + tl.sum(et, axis=1)  # first tile: m = -inf
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    out = stats_ptr + pid_s * N + rows
+    mask = rows < N
+    tl.store(out, m, mask=mask)
+    tl.store(out + num_s * N, s, mask=mask)
+    tl.store(out + 2 * num_s * N, q, mask=mask)
+    tl.store(out + 3 * num_s * N, zy, mask=mask)
+
+
+@_jit
+def _dlogits_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, coef_ptr, dz_ptr, N, v0, v_end, H, stride_h, stride_w,
+                    stride_dz, inv_t, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """dz[:, cols - v0] = a 1[col=y] + p (beta t + gamma) for cols in [v0, v_end); coef = [a, beta, gamma] [3, N]."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = v0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, N, v_end, H, stride_h, stride_w, inv_t,
+                     BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+    row_mask = rows < N
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    a = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+    beta = tl.load(coef_ptr + N + rows, mask=row_mask, other=0.0)
+    gamma = tl.load(coef_ptr + 2 * N + rows, mask=row_mask, other=0.0)
+    t = z - lse[:, None]
+    dz = tl.exp(t) * (beta[:, None] * tl.where(cols[None, :] < v_end, t, 0.0) + gamma[:, None])
+    dz += tl.where(cols[None, :] == y[:, None], a[:, None], 0.0)
+    mask = row_mask[:, None] & (cols[None, :] < v_end)
+    tl.store(dz_ptr + rows[:, None] * stride_dz + (cols[None, :] - v0), dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+               ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """C[M, N] (+)= A[M, K] @ B[K, N] with an fp32 accumulator; C's last dim is contiguous."""
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc = _dot(a, b, acc, PRECISION)
+    c = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# --- Triton launchers -------------------------------------------------------------------------------------
+def _blocks(device: torch.device) -> dict:
+    if device.type == "cuda":  # H100-sized tiles; CPU/interpreter gets tiny ones (it runs them in numpy)
+        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if _INTERPRET:
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs get true fp32 products, not TF32
+
+
+def _triton_forward(h, w, y, inv_t: float, splits: int | None = None):
+    """-> row max m, log sum exp(z - m), entropy, label logit zy: [N] fp32 each. `splits`: V splits per row block."""
+    (N, H), V = h.shape, w.shape[0]
+    cfg = _blocks(h.device)
+    n_tiles, row_blocks = triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(N, cfg["BLOCK_N"])
+    if splits is None:
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
+        splits = max(1, 2 * sms // row_blocks)
+    per_split = triton.cdiv(n_tiles, min(splits, n_tiles))
+    splits = triton.cdiv(n_tiles, per_split)  # now every split starts inside V
+    stats = torch.empty(4, splits, N, device=h.device, dtype=torch.float32)  # m, s, q, zy
+    _fwd_kernel[(row_blocks, splits)](h, w, y, stats, N, V, H, h.stride(0), w.stride(0), inv_t, per_split,
+                                      PRECISION=_precision(h.dtype), **cfg)
+    m, s, q, zy = stats.unbind(0)
+    m_max = m.amax(0)
+    alpha = torch.exp(m - m_max)
+    s_all = (alpha * s).sum(0)
+    q_all = (alpha * (q + s * (m - m_max))).sum(0)
+    log_s = torch.log(s_all)
+    return m_max, log_s, log_s - q_all / s_all, zy.sum(0)
+
+
+def _mm(a, b, c, accumulate: bool, cfg: dict):
+    M, K = a.shape
+    bm, bn, bk = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_H"]
+    grid = (triton.cdiv(M, bm), triton.cdiv(b.shape[1], bn))
+    _mm_kernel[grid](a, b, c, M, b.shape[1], K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+                     ACCUMULATE=accumulate, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a.dtype),
+                     **{k: v for k, v in cfg.items() if k.startswith("num_")})
+
+
+def _triton_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int):
+    """coef [3, N] = (a, beta, gamma) already divided by T. -> dh [N, H], dW [V, H] in the input dtype."""
+    (N, H), V = h.shape, w.shape[0]
+    cfg = _blocks(h.device)
+    bv = cfg["BLOCK_V"]
+    vc = min(triton.cdiv(V, bv) * bv, max(bv, chunk_bytes // (N * h.element_size()) // bv * bv))
+    dz = torch.empty(N, vc, device=h.device, dtype=h.dtype)  # [N, Vc] the only logits-sized buffer
+    dh = torch.zeros(N, H, device=h.device, dtype=torch.float32)
+    dw = torch.empty_like(w)
+    for v0 in range(0, V, vc):
+        v1 = min(V, v0 + vc)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(v1 - v0, bv))
+        _dlogits_kernel[grid](h, w, y, lse, coef, dz, N, v0, v1, H, h.stride(0), w.stride(0), dz.stride(0),
+                              inv_t, PRECISION=_precision(h.dtype), **cfg)
+        _mm(dz[:, : v1 - v0], w[v0:v1], dh, True, cfg)  # dh += dz W_c  (fp32 accumulator)
+        _mm(dz[:, : v1 - v0].t(), h, dw[v0:v1], False, cfg)  # dW_c = dz^T h
+    return dh.to(h.dtype), dw
+
+
+# --- chunked PyTorch path ---------------------------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tiles(N: int, V: int, chunk_bytes: int) -> tuple[int, int]:
+    """(rows, cols) of a logits tile, rows * cols * 4 <= chunk_bytes. Wide tiles keep the GEMMs efficient."""
+    cols = min(V, TILE_COLS, max(1, chunk_bytes // 4))
+    return max(1, min(N, chunk_bytes // (4 * cols))), cols
+
+
+def _tile(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous [rows, cols] view into a flat, reused buffer (no fresh pages per tile)."""
+    return buf[: rows * cols].view(rows, cols)
+
+
+def _torch_forward(h, w, y: torch.Tensor | None, inv_t: float, chunk_bytes: int | None = None):
+    """-> m, log_s, entropy, zy as _triton_forward (compute dtype; zy None without y). W is read once."""
+    cd, dev = _compute_dtype(h.dtype), h.device
+    (N, H), V = h.shape, w.shape[0]
+    hs = h.to(cd) * inv_t  # [N, H]
+    m = torch.full((N,), -math.inf, dtype=cd, device=dev)
+    s, q = torch.zeros(N, dtype=cd, device=dev), torch.zeros(N, dtype=cd, device=dev)
+    rows, cols = _tiles(N, V, chunk_bytes or CHUNK_BYTES)
+    buf_t, buf_e = torch.empty(2, rows * cols, dtype=cd, device=dev)
+    for v0 in range(0, V, cols):
+        wc = w[v0: v0 + cols].to(cd)  # [Vc, H]
+        for r0 in range(0, N, rows):
+            r = slice(r0, r0 + rows)
+            t = torch.mm(hs[r], wc.T, out=_tile(buf_t, hs[r].shape[0], wc.shape[0]))  # [rows, Vc] logits
+            m_new = torch.maximum(m[r], t.amax(1))
+            q_old = q[r] + s[r] * torch.where(s[r] > 0, m[r] - m_new, 0.0)  # re-centred on m_new
+            alpha = torch.exp(m[r] - m_new)
+            t.sub_(m_new[:, None]).clamp_(min=-FLUSH_BELOW)
+            e = torch.exp(t, out=_tile(buf_e, *t.shape))  # [rows, Vc]
+            s[r] = alpha * s[r] + e.sum(1)
+            q[r] = alpha * q_old + e.mul_(t).sum(1)
+            m[r] = m_new
+    zy = None if y is None else torch.linalg.vecdot(hs, w[y].to(cd))  # label logits, one [N, H] gather
+    log_s = torch.log(s)
+    return m, log_s, log_s - q / s, zy
+
+
+def _torch_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int, need: tuple[bool, bool]):
+    """coef [3, N] = (a, beta, gamma), not divided by T. -> dh [N, H], dW [V, H] in the input dtype (or None)."""
+    cd, dev = _compute_dtype(h.dtype), h.device
+    (N, H), V = h.shape, w.shape[0]
+    # Row scale r makes dz / r O(1): tiny upstream gradients cannot push the tiles into denormals.
+    r = coef.abs().amax(0).to(cd)
+    r = torch.where(r > 0, r, 1.0)
+    a, beta, gamma = (coef.to(cd) / r).unbind(0)
+    hs = h.to(cd) * inv_t  # [N, H] recompute input
+    hr = hs * r[:, None]  # [N, H] dW input
+    dh = torch.zeros(N, H, dtype=cd, device=dev) if need[0] else None
+    dw = (torch.empty if N else torch.zeros)(V, H, dtype=w.dtype, device=dev) if need[1] else None
+    rows, cols = _tiles(N, V, chunk_bytes)
+    buf_t, buf_p = torch.empty(2, rows * cols, dtype=cd, device=dev)
+    for v0 in range(0, V, cols):
+        wc = w[v0: v0 + cols].to(cd)  # [Vc, H]
+        vc = wc.shape[0]
+        dwc = None if dw is None else (dw[v0: v0 + vc] if dw.dtype == cd else torch.empty_like(wc))
+        # label term a 1[j=y]: one element per row, added to the tile at (row, y - v0) when y is in this chunk
+        at_y = torch.where((y >= v0) & (y < v0 + vc), a, 0.0)
+        col_y = (y - v0).clamp(0, vc - 1)
+        for r0 in range(0, N, rows):
+            sl = slice(r0, r0 + rows)
+            t = torch.mm(hs[sl], wc.T, out=_tile(buf_t, hs[sl].shape[0], vc))  # [rows, Vc] logits
+            t.sub_(lse[sl, None])  # log p
+            p = torch.clamp(t, min=-FLUSH_BELOW, out=_tile(buf_p, *t.shape)).exp_()  # [rows, Vc]
+            t.mul_(beta[sl, None]).add_(gamma[sl, None]).mul_(p)  # dz / r without the label term
+            flat = torch.arange(t.shape[0], device=dev) * vc + col_y[sl]
+            t.view(-1).index_add_(0, flat, at_y[sl])  # dz / r
+            if dh is not None:
+                dh[sl].addmm_(t, wc)
+            if dwc is not None and r0 == 0:
+                torch.mm(t.T, hr[sl], out=dwc)
+            elif dwc is not None:
+                dwc.addmm_(t.T, hr[sl])
+        if dwc is not None and dw.dtype != cd:
+            dw[v0: v0 + vc].copy_(dwc)
+    if dh is not None:
+        dh = dh.mul_(r[:, None] * inv_t).to(h.dtype)
+    return dh, dw
+
+
+# --- autograd ---------------------------------------------------------------------------------------------
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a + b as hi + lo exactly (Knuth): lse = m + log_s is ~|z| large, and its rounding error (6e-5 at
+    |z| ~ 500 in fp32) would otherwise scale every p in backward."""
+    hi = a + b
+    bb = hi - a
+    return hi, (a - (hi - bb)) + (b - bb)
+
+
+class _LinearLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, y, valid, inv_t: float, backend: str, chunk_bytes: int):
+        fwd = _triton_forward if backend == "triton" else functools.partial(_torch_forward, chunk_bytes=chunk_bytes)
+        m, log_s, ent, zy = fwd(h, w, y, inv_t)
+        out = torch.float64 if h.dtype == torch.float64 else torch.float32
+        logp = torch.where(valid, (zy - m) - log_s, 0.0).to(out)  # not zy - lse: lse ~ |z| loses digits
+        ent = torch.where(valid, ent, 0.0).to(out)
+        lse, lse_lo = _two_sum(m, log_s)
+        ctx.save_for_backward(h, w, y, valid, lse, lse_lo, ent)
+        ctx.inv_t, ctx.backend, ctx.chunk_bytes = inv_t, backend, chunk_bytes
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        h, w, y, valid, lse, lse_lo, ent = ctx.saved_tensors
+        g_lp, g_ent = torch.where(valid, g_lp, 0.0).to(lse.dtype), torch.where(valid, g_ent, 0.0).to(lse.dtype)
+        # dz = a 1[j=y] + p (beta t + gamma) with t = z - lse - lse_lo; the tiles compute t' = z - lse, so
+        # exp(-lse_lo) and -beta * lse_lo are folded into the per-row coefficients instead.
+        c = torch.exp(-lse_lo)
+        coef = torch.stack([g_lp, -c * g_ent, -c * (g_lp + g_ent * (ent - lse_lo))])  # [3, N]: a, beta, gamma
+        need = ctx.needs_input_grad[:2]
+        if ctx.backend == "triton":
+            dh, dw = _triton_backward(h, w, y, lse, coef * ctx.inv_t, ctx.inv_t, 8 * ctx.chunk_bytes)
+            dh, dw = dh if need[0] else None, dw if need[1] else None
+        else:
+            dh, dw = _torch_backward(h, w, y, lse, coef, ctx.inv_t, ctx.chunk_bytes, need)
+        return dh, dw, None, None, None, None, None
+
+
+# --- public function --------------------------------------------------------------------------------------
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _resolve_backend(hidden: torch.Tensor, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid; use one of {', '.join(map(repr, BACKENDS))}")
+    if backend == "auto" and hidden.is_cuda and triton is None:
+        _warn_once("triton is not installed: linear_logprob_entropy falls back to the chunked torch backend on CUDA")
+    if backend == "auto":
+        backend = "triton" if hidden.is_cuda and triton is not None and hidden.dtype != torch.float64 else "torch"
+    if backend == "triton":
+        if triton is None:
+            raise ValueError("backend='triton' needs the triton package, which is not installed; use 'torch'")
+        if not hidden.is_cuda and not _INTERPRET:
+            raise ValueError(f"backend='triton' needs CUDA tensors (hidden is on {hidden.device}); on CPU set "
+                             "TRITON_INTERPRET=1 before triton is imported, or use backend='torch'")
+        if hidden.dtype == torch.float64:
+            raise ValueError("backend='triton' supports float16/bfloat16/float32 inputs, got float64")
+    return "torch" if backend == "triton" and hidden.shape[0] == 0 else backend  # nothing to launch
+
+
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> None:
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, H] with H={hidden.shape[1]} (from hidden), got shape "
+                         f"{tuple(weight.shape)}")
+    if hidden.dtype not in _FLOATS:
+        raise ValueError(f"hidden has dtype {hidden.dtype}; use one of {_FLOATS}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _check_labels(labels: torch.Tensor, N: int, V: int, ignore_index: int, device: torch.device) -> None:
+    if labels.shape != (N,):
+        raise ValueError(f"labels must be [N] with N={N} (from hidden), got shape {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but hidden is on {device}")
+    if not labels.is_cuda and not torch.compiler.is_compiling():  # on CUDA it would sync the stream
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bad.any():
+            raise ValueError(f"labels must be in [0, {V}) or ignore_index={ignore_index}, got "
+                             f"{labels[bad][0].item()}")
+
+
+def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                           temperature: float = 1.0, ignore_index: int = -100,
+                           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(hidden @ weight.T / T)[labels] and the entropy of that softmax, per row.
+
+    hidden [N, H], weight [V, H] (same float dtype), labels [N] int -> (logp [N] fp32, entropy [N] fp32)
+    (fp64 for fp64 inputs). Differentiable w.r.t. hidden and weight through both outputs; gradients come
+    back in the input dtype. Rows labelled `ignore_index` give 0 and get no gradient. See the module
+    docstring for the math and the backends.
+    """
+    _check_inputs(hidden, weight, temperature)
+    _check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
+    backend = _resolve_backend(hidden, backend)
+    if backend == "naive":
+        return linear_logprob_entropy_reference(hidden, weight, labels, temperature=temperature,
+                                                ignore_index=ignore_index)
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, 0).long()
+    if backend == "triton":
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+    return _LinearLogprobEntropy.apply(hidden, weight, y, valid, 1.0 / temperature, backend, CHUNK_BYTES)
+
+
+# --- reference (the spec) ---------------------------------------------------------------------------------
+def linear_logprob_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                                     temperature: float = 1.0,
+                                     ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain PyTorch computation: materializes [N, V] logits (in the input dtype, like a model's lm_head
+    would), then log-softmax in fp32 (fp64 for fp64 inputs). Autograd gives the gradients."""
+    z = hidden @ weight.T  # [N, V]
+    z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
+    logq = torch.log_softmax(z, dim=-1)  # [N, V]
+    valid = labels != ignore_index
+    logp = logq.gather(1, torch.where(valid, labels, 0).long()[:, None])[:, 0]
+    ent = -(logq.exp() * logq).sum(-1)
+    return torch.where(valid, logp, 0.0), torch.where(valid, ent, 0.0)
