@@ -158,7 +158,15 @@ def export_final(model, tok: Tokenizer, out: Path, info: parallel.DistInfo) -> N
 # --- the run --------------------------------------------------------------------------------------------------------
 
 def run(cfg: Config) -> list[dict]:
+    """Train with `cfg`; returns the metrics records (on rank 0). Leaves no process group behind, also on errors."""
     info = parallel.init_distributed(cfg.trainer.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        parallel.destroy()
+
+
+def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
     log = (lambda msg: tqdm.write(msg)) if info.is_main else (lambda msg: None)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -317,7 +325,6 @@ def run(cfg: Config) -> list[dict]:
         if cfg.trainer.plot:
             plot_curves(records, out / "curves.png", title=f"{path.name}: s_inter={s_inter}, k={k}")
         print(final_table(records))
-    parallel.destroy()
     return records
 
 

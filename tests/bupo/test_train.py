@@ -133,3 +133,10 @@ def test_rerun_with_other_settings_into_a_checkpointed_dir_is_refused(tiny_model
     with pytest.raises(SystemExit) as e:
         main(_args(tiny_model, out, 6, **{"bupo.iterative_steps": 0}))
     assert "bupo.iterative_steps: 2 -> 0" in str(e.value)
+
+
+def test_a_failed_run_leaves_no_process_group(tiny_model, tmp_path):
+    import torch.distributed as dist
+    with pytest.raises(SystemExit):
+        main(_args(tiny_model, tmp_path / "pg", 4, **{"bupo.internal_layer": 9}))
+    assert not dist.is_initialized()
