@@ -1,8 +1,9 @@
 """linear_logprob_entropy against the fp64 "naive" spec: forward, both gradients, odd shapes, all backends.
 
-Tolerances: fp32 within 1e-5 of the largest reference value, or within 2x the error of the naive PyTorch path
-run in fp32 where that is larger (very peaked logits of size ~400 carry ~1e-6 absolute fp32 noise in any
-implementation); bf16/fp16 within 2x the error of the naive path run in that dtype, plus a tiny absolute slack.
+Tolerances (max abs error, relative to the largest reference value): fp32 within 1e-5, or within 2x the error
+of the naive PyTorch path run in fp32 where that is larger (peaked logits carry fp32 rounding noise of about
+|z| * 6e-8 that every implementation shares); bf16/fp16 within 2x the error of the naive path run in that
+dtype. Both get a slack of 1e-6 of the largest reference value.
 Triton tests (`triton_` in the name) run where kernels can run: CUDA, or CPU under TRITON_INTERPRET=1; without
 either they are re-run in a child pytest process with TRITON_INTERPRET=1 set before triton is imported.
 """
@@ -191,7 +192,7 @@ def test_triton_fp32_matches_reference(N, H, V, temperature, regime):
 
 @needs_triton_here
 def test_triton_bf16_within_2x_naive_and_chunked_backward(monkeypatch):
-    monkeypatch.setattr(M, "CHUNK_BYTES", 256)  # dz chunks of 8 * 256 / (N * 2) -> a few V chunks
+    monkeypatch.setattr(M, "DZ_CHUNK_BYTES", 2048)  # dz chunks of 2048 / (N * 2) columns -> a few V chunks
     compare("triton", 17, 32, 1009, 1.3, "normal", torch.bfloat16, device=TRITON_DEV)
 
 
