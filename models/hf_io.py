@@ -185,3 +185,7 @@ def save_pretrained(
     name = _DTYPE_NAMES.get(float_dtypes[0] if float_dtypes else torch.float32, "float32")
     cfg["torch_dtype"] = cfg["dtype"] = name  # transformers < 5 reads torch_dtype, >= 5 reads dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.glob("*.safetensors"):  # safetensors writes 0600; give weights the mode any other file gets
+        f.chmod(0o666 & ~umask)

@@ -176,3 +176,18 @@ def test_import_models_is_cheap():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=Path(models.__file__).parent.parent)
     assert r.stdout.strip() == "[]"
+
+
+
+def test_saved_weights_get_the_usual_file_mode(tmp_path):
+    import os
+
+    import models
+    cfg = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
+    umask = os.umask(0o022)
+    try:
+        models.save_pretrained(models.build_model(cfg), tmp_path)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
