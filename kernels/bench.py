@@ -33,7 +33,6 @@ import time
 
 import torch
 
-import kernels  # noqa: F401  (registers the submodules)
 from kernels.linear_logprob_entropy import linear_logprob_entropy, triton
 
 _LLE = sys.modules["kernels.linear_logprob_entropy"]
