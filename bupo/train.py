@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import models
-from bupo import checkpoint, parallel
+from bupo import checkpoint, parallel, weight_sync
 from bupo.config import Config, load_config
 from bupo.data import PromptLoader, arithmetic_rows, load_rows, render_prompts
 from bupo.loss import group_advantages, zero_variance_groups
@@ -79,8 +79,6 @@ def make_engine(cfg: Config, path: Path, info: parallel.DistInfo, tok: Tokenizer
 def sync_weights(model, engine, k: int | None) -> int:
     """Stream full tensors to the rollout engine in bounded buckets (only layers 0..k and the head when k is given,
     cast to the engine's dtype before the FSDP all-gather when it has one); returns the bytes sent."""
-    from bupo import weight_sync
-
     sent = 0
 
     def tensors():
