@@ -23,6 +23,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype on CUDA (master weights stay fp32); CPU always computes in float32
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     compile: bool = False  # torch.compile each decoder layer (CUDA only)
+    liger: str = "auto"  # liger-kernel fused RMSNorm/RoPE/SwiGLU: auto (CUDA + installed), on (required), off
 
 
 @dataclass
@@ -137,6 +138,7 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 def _validate(c: Config, num_layers: int | None) -> None:
     _choice("model.dtype", c.model.dtype, ("bfloat16", "float16", "float32"))
+    _choice("model.liger", c.model.liger, ("auto", "on", "off"))
     _choice("data.truncation", c.data.truncation, ("left", "drop"))
     _choice("rollout.engine", c.rollout.engine, ("auto", "builtin", "vllm"))
     _choice("algo.adv_estimator", c.algo.adv_estimator, ("grpo", "rloo", "reinforce_pp"))

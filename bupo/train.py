@@ -29,6 +29,7 @@ from bupo.reward import score_batch
 from bupo.rollout import BuiltinEngine, SamplingParams
 from bupo.tokenizer import Tokenizer
 from bupo.update import Seq, compute_logprobs, phase_one_names, update_policy
+from models.liger import resolve_liger, use_liger
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -53,7 +54,8 @@ def load_prompts(cfg: Config, tok: Tokenizer, names: list[str], *, seed: int, lo
     return out
 
 
-def make_engine(cfg: Config, path: Path, info: parallel.DistInfo, tok: Tokenizer, compute_dtype: torch.dtype):
+def make_engine(cfg: Config, path: Path, info: parallel.DistInfo, tok: Tokenizer, compute_dtype: torch.dtype,
+                liger: bool = False):
     kind = cfg.rollout.engine
     if kind == "auto":
         kind = "builtin"
@@ -72,8 +74,10 @@ def make_engine(cfg: Config, path: Path, info: parallel.DistInfo, tok: Tokenizer
                           tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                           max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                           vocab_size=tok.vocab_size)
-    return BuiltinEngine(models.load_pretrained(path, dtype=compute_dtype, device=info.device),
-                         max_batch_size=cfg.rollout.max_batch_size)
+    sampler_model = models.load_pretrained(path, dtype=compute_dtype, device=info.device)
+    if liger:
+        use_liger(sampler_model)
+    return BuiltinEngine(sampler_model, max_batch_size=cfg.rollout.max_batch_size)
 
 
 def sync_weights(model, engine, k: int | None) -> int:
@@ -181,6 +185,9 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
     compute_dtype = DTYPES[cfg.model.dtype] if info.device.type == "cuda" else torch.float32
     model = models.load_pretrained(path, dtype=torch.float32, device=info.device)  # fp32 master weights
     cfg.validate(model.config.num_hidden_layers)
+    liger = resolve_liger(cfg.model.liger, info.device)
+    if liger:  # before FSDP2 and compile wrap the modules
+        log(f"[model] liger-kernel fused ops on: {use_liger(model)}")
     train_sets = load_prompts(cfg, tok, cfg.data.train_files, seed=cfg.trainer.seed, log=log)
     train_prompts = [p for ps in train_sets.values() for p in ps]
     if not train_prompts:
@@ -191,7 +198,7 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
         if cfg.data.val_max_prompts:
             val_sets = {k: v[: cfg.data.val_max_prompts] for k, v in val_sets.items()}
     loader = PromptLoader(train_prompts, cfg.data.batch_size, cfg.trainer.seed)
-    engine = make_engine(cfg, path, info, tok, compute_dtype)
+    engine = make_engine(cfg, path, info, tok, compute_dtype, liger)
     k = cfg.bupo.internal_layer
     if k == "auto":
         k = choose_internal_layer(cfg, model, engine, tok, train_prompts, log)
@@ -210,8 +217,10 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
     ref_model = None
     if cfg.algo.kl_coef > 0:
-        ref_model = parallel.apply_fsdp(models.load_pretrained(path, dtype=torch.float32, device=info.device),
-                                        info, param_dtype=compute_dtype).requires_grad_(False)
+        ref_model = models.load_pretrained(path, dtype=torch.float32, device=info.device)
+        if liger:
+            use_liger(ref_model)
+        ref_model = parallel.apply_fsdp(ref_model, info, param_dtype=compute_dtype).requires_grad_(False)
     trainable = [p for n, p in model.named_parameters() if phase_one_names(n, k)]
     start = 1
     ckpt = checkpoint.latest(out)

@@ -6,6 +6,7 @@
     models.save_pretrained(model, out_dir)          # a folder transformers and vLLM load
 
 GGUF conversion (`convert_gguf`, `smollm2_path`) imports the `gguf` and `tokenizers` libraries only when called.
+`models.liger.use_liger(model)` routes RMSNorm, RoPE and SwiGLU through liger-kernel on CUDA (imported when called).
 """
 
 from .attention import KVCache

@@ -101,8 +101,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused_norm = None  # (x, weight, eps) -> y; set by models.liger.use_liger
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_norm is not None:
+            return self.fused_norm(x, self.weight, self.eps)
         # normalize in fp32, cast back, then scale: the order of the HF checkpoints' reference code
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -170,13 +173,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, nkv * hd, bias=b)
         self.v_proj = nn.Linear(H, nkv * hd, bias=b)
         self.o_proj = nn.Linear(nh * hd, H, bias=b)
+        self.fused_rope = None  # (q, k, cos, sin) -> (q, k) rotated; set by models.liger.use_liger
 
     def forward(self, x: torch.Tensor, a: AttnArgs) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.hd)  # [B, T, nh, hd]
         k = self.k_proj(x).view(B, T, -1, self.hd)  # [B, T, nkv, hd]
         v = self.v_proj(x).view(B, T, -1, self.hd)  # [B, T, nkv, hd]
-        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
+        if self.fused_rope is not None:
+            q, k = self.fused_rope(q, k, a.cos, a.sin)
+        else:
+            q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
         if a.cache is None:
             o = causal_attention(q, k, v, a.packing)
         else:
@@ -192,8 +199,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
+        self.fused_swiglu = None  # (gate, up) -> silu(gate) * up; set by models.liger.use_liger
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_swiglu is not None:
+            return self.down_proj(self.fused_swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

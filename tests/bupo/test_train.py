@@ -115,11 +115,32 @@ def test_phase_one_only_keeps_upper_layers_bit_identical(tiny_model, tmp_path):
     ("--bupo.internal_layer=4", "bupo.internal_layer"),
     ("--bupo.iterative_steps=9", "bupo.iterative_steps"),
     ("--algo.clip_high=-1", "algo.clip_high"),
+    ("--model.liger=on", "model.liger"),  # liger's kernels need CUDA
 ])
 def test_bad_config_exits_with_field_name(tiny_model, tmp_path, capsys, override, field):
     with pytest.raises(SystemExit) as e:
         main(_args(tiny_model, tmp_path / "bad", 4) + [override])
     assert field in str(e.value)
+
+
+def test_liger_hooks_go_on_policy_sampler_and_reference(tiny_model, tmp_path, monkeypatch):
+    """Where CUDA + liger-kernel would turn liger on, every model the trainer builds gets the hooks (before FSDP2)."""
+    import bupo.train as train_mod
+
+    seen = []
+
+    def record(model, enabled=True):
+        assert not hasattr(model, "_fsdp_param_group") and "FSDP" not in type(model).__name__
+        seen.append(model)
+        return {}
+
+    monkeypatch.setattr(train_mod, "resolve_liger", lambda mode, device: mode == "auto")
+    monkeypatch.setattr(train_mod, "use_liger", record)
+    run(load_config(_args(tiny_model, tmp_path / "l", 1, **{"algo.kl_coef": 0.01, "bupo.iterative_steps": 1})))
+    assert len(seen) == 3 and len({id(m) for m in seen}) == 3  # policy, built-in sampler's copy, reference
+    seen.clear()
+    run(load_config(_args(tiny_model, tmp_path / "off", 1, **{"model.liger": "off", "bupo.iterative_steps": 1})))
+    assert seen == []
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
