@@ -9,8 +9,10 @@ embedding/head: the other parameters did not change (bupo.update.phase_one_names
 
 Names: we send HF checkpoint names (our module names mirror them). vLLM's Llama/Qwen2/Qwen3 `load_weights` take HF
 names and do the renaming themselves: q/k/v_proj are written into the fused `qkv_proj` and gate/up_proj into
-`gate_up_proj`; with tied embeddings `lm_head.*` is skipped (vLLM's head shares the embedding). So no renaming is
-needed before calling vLLM; `vllm_names` documents (and the tests pin) where each tensor lands.
+`gate_up_proj`. With tied embeddings vLLM's head is the embedding, and we never send `lm_head.weight` (`sync_names`
+leaves it out): older vLLM releases skip it, recent ones treat it as an alias of the embedding and refuse a
+`load_weights` call that holds it without `model.embed_tokens.weight`. So no renaming is needed before calling
+vLLM; `vllm_names` documents (and the tests pin) where each tensor lands.
 """
 
 from __future__ import annotations
@@ -140,7 +142,8 @@ def vllm_names(hf_name: str, model_type: str, *, tied: bool = False) -> list[str
     """The vLLM parameter(s) an HF tensor is written into when passed (under its HF name) to vLLM's load_weights.
 
     Identity except: q/k/v_proj -> `qkv_proj` and gate/up_proj -> `gate_up_proj` (vLLM's fused layers; each HF tensor
-    fills one shard), and with tied embeddings `lm_head.weight` -> [] (vLLM skips it; its head is the embedding).
+    fills one shard), and with tied embeddings `lm_head.weight` -> [] (nothing of its own: vLLM's head is the
+    embedding, so the tensor is never sent; see the module docstring).
     ValueError for a model type or parameter vLLM's loader would not recognise.
     """
     if model_type not in VLLM_MODEL_TYPES:

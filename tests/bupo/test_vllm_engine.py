@@ -155,10 +155,15 @@ def test_engine_construction(fake_vllm, tmp_path):
     assert kw["max_model_len"] == 512 and kw["tensor_parallel_size"] == 1
     assert kw["logprobs_mode"] == "processed_logprobs"
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and os.environ["RANK"] == "0"
-    assert eng.allowed_token_ids == list(range(100))  # 28 padded embedding rows are masked
-    assert _engine(tmp_path, vocab_size=128).allowed_token_ids is None
+    assert eng.logit_bias == {i: float("-inf") for i in range(100, 128)}  # 28 padded embedding rows are masked
+    assert _engine(tmp_path, vocab_size=128).logit_bias is None
+    assert _engine(tmp_path, vocab_size=None).logit_bias is None
     with pytest.raises(ValueError, match="exceeds"):
         _engine(tmp_path, vocab_size=129)
+    big = tmp_path / "big"
+    big.mkdir()
+    with pytest.raises(ValueError, match="limit of 1024 logit_bias entries"):
+        VLLMEngine(_model_dir(big, vocab=2000), seed=0, vocab_size=900)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         _engine(tmp_path, gpu_memory_utilization=1.5)
 
@@ -191,7 +196,7 @@ def test_request_sampling_params(fake_vllm, tmp_path):
     for k, sp in enumerate(sps):
         assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_tokens) == (1, 0.6, 0.9, 20, 33)
         assert sp.seed == sequence_seed(5, k // 2, k % 2) and sp.logprobs == 0 and sp.stop_token_ids == [7, 8]
-        assert sp.allowed_token_ids == list(range(100)) and sp.detokenize is False
+        assert sp.logit_bias == {i: float("-inf") for i in range(100, 128)} and sp.detokenize is False
     _, sps = eng._requests([([[1]], 5)], SamplingParams(top_k=0))
     assert sps[0].top_k == -1  # 'no top-k' spelled the way every supported vLLM accepts
     # a TP group: members' prompts back to back, each member's own seed
