@@ -20,6 +20,9 @@ How this implementation differs from the paper's reference code (a verl fork):
      touch them (the reference decays the final norm with a zero gradient).
   5. The token mean is over the global response-token count of the optimizer step (all micro-batches, all ranks),
      passed in explicitly, rather than a per-micro-batch mean.
+  6. Every policy (the samplers' and the trainer's, pi^k and the full one) is a softmax over the tokenizer's real ids
+     only: the padded embedding rows of Qwen checkpoints (267 of 151936) are never sampled and carry no probability
+     mass in the log-probs and entropies.
 """
 
 from __future__ import annotations

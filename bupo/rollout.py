@@ -145,13 +145,21 @@ def sample_tokens(
 
 class BuiltinEngine:
     """Batched generation on our own model (models.Qwen3ForCausalLM / LlamaForCausalLM) with a KV cache, in the
-    model's dtype and on its device. See the module docstring for the algorithm."""
+    model's dtype and on its device. See the module docstring for the algorithm.
 
-    def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 64):
+    vocab_size: the tokenizer's real vocabulary. When the checkpoint pads its embedding (Qwen: 151669 tokens of
+    151936 rows), only the first vocab_size rows of the unembedding form the sampling distribution, as in the vLLM
+    engine; None samples over every row."""
+
+    def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 64, vocab_size: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        rows = model.config.vocab_size
+        if vocab_size is not None and not 1 <= vocab_size <= rows:
+            raise ValueError(f"vocab_size={vocab_size} is invalid: the model has {rows} embedding rows")
         self.model = model
         self.max_batch_size = max_batch_size
+        self.vocab_size = rows if vocab_size is None else vocab_size
 
     # --- the Engine protocol
 
@@ -196,8 +204,9 @@ class BuiltinEngine:
                 raise ValueError(f"prompt {i} has token ids outside [0, {V}) (vocab_size of the model)")
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [B, H] (the last position only) -> fp32 logits [B, V] through the unembedding."""
-        return F.linear(h, self.model.unembedding).float()
+        """h [B, H] (the last position only) -> fp32 logits [B, V] through the first V = vocab_size rows of the
+        unembedding (a contiguous view: padded rows are never computed, so they can never be sampled)."""
+        return F.linear(h, self.model.unembedding[: self.vocab_size]).float()
 
     def _prefill(self, prompts: list[list[int]], seqs: list[tuple[int, int]], params: SamplingParams, N: int):
         """Run every distinct prompt of the batch once, left-padded to the longest (P), and copy its K/V to the

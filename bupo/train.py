@@ -77,7 +77,7 @@ def make_engine(cfg: Config, path: Path, info: parallel.DistInfo, tok: Tokenizer
     sampler_model = models.load_pretrained(path, dtype=compute_dtype, device=info.device)
     if liger:
         use_liger(sampler_model)
-    return BuiltinEngine(sampler_model, max_batch_size=cfg.rollout.max_batch_size)
+    return BuiltinEngine(sampler_model, max_batch_size=cfg.rollout.max_batch_size, vocab_size=tok.vocab_size)
 
 
 def sync_weights(model, engine, k: int | None) -> int:
@@ -185,6 +185,9 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
     compute_dtype = DTYPES[cfg.model.dtype] if info.device.type == "cuda" else torch.float32
     model = models.load_pretrained(path, dtype=torch.float32, device=info.device)  # fp32 master weights
     cfg.validate(model.config.num_hidden_layers)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"model.path={cfg.model.path!r}: the tokenizer has {tok.vocab_size} ids but the model only "
+                         f"{model.config.vocab_size} embedding rows")
     liger = resolve_liger(cfg.model.liger, info.device)
     if liger:  # before FSDP2 and compile wrap the modules
         log(f"[model] liger-kernel fused ops on: {use_liger(model)}")
@@ -270,7 +273,7 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
         # --- old log-probs under the policy being optimized (skipped with one update per step and no KL)
         t0 = time.perf_counter()
         lp_kw = dict(layer=layer, norm=norm, temperature=cfg.rollout.temperature,
-                     token_budget=cfg.algo.micro_batch_tokens)
+                     token_budget=cfg.algo.micro_batch_tokens, vocab_size=tok.vocab_size)
         if mini_batches > 1 or cfg.rollout.tis_cap:
             for s, lp in zip(seqs, compute_logprobs(model, seqs, **lp_kw)):
                 s.old_logp = lp
@@ -286,7 +289,8 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
                           clip_high=cfg.algo.clip_high, dual_clip=cfg.algo.dual_clip,
                           entropy_coef=cfg.algo.entropy_coef, kl_coef=cfg.algo.kl_coef,
                           grad_clip=cfg.optim.grad_clip, tis_cap=cfg.rollout.tis_cap,
-                          trainable=trainable if phase == "internal" else None, scheduler=scheduler)
+                          trainable=trainable if phase == "internal" else None, scheduler=scheduler,
+                          vocab_size=tok.vocab_size)
         time_update = time.perf_counter() - t0
         # --- sync weights to the rollout engine (phase one: only layers 0..k and the head changed)
         t0 = time.perf_counter()

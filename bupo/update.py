@@ -70,11 +70,14 @@ def pack(seqs: list[Seq], device: torch.device) -> Packed:
 
 
 def policy_logprobs(model: nn.Module, packed: Packed, *, layer: int | None, norm: bool = False,
-                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [N], entropy [N]) fp32 of the response tokens under pi^layer (layer=None: the full policy)."""
+                    temperature: float = 1.0, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [N], entropy [N]) fp32 of the response tokens under pi^layer (layer=None: the full policy).
+    vocab_size: the policy is a softmax over the first vocab_size unembedding rows only (the tokenizer's real ids,
+    the support both rollout engines sample from when the checkpoint pads its embedding); None: every row."""
     h = model.hidden_states(packed.input_ids, layer=layer, cu_seqlens=packed.cu_seqlens, norm=norm)  # [1, total, H]
     h = h[0].index_select(0, packed.resp_pos)  # [N, H]
-    return kernels.linear_logprob_entropy(h, model.unembedding, packed.labels, temperature=temperature)
+    E = model.unembedding if vocab_size is None else model.unembedding[:vocab_size]  # [V, H], a contiguous view
+    return kernels.linear_logprob_entropy(h, E, packed.labels, temperature=temperature)
 
 
 def split_micro_batches(seqs: list[Seq], token_budget: int, count: int | None = None) -> list[list[int]]:
@@ -101,13 +104,14 @@ def split_micro_batches(seqs: list[Seq], token_budget: int, count: int | None = 
 
 @torch.no_grad()
 def compute_logprobs(model: nn.Module, seqs: list[Seq], *, layer: int | None, norm: bool, temperature: float,
-                     token_budget: int) -> list[torch.Tensor]:
+                     token_budget: int, vocab_size: int | None = None) -> list[torch.Tensor]:
     """Per-sequence log-probs [len(response)] (fp32, CPU) without gradient, micro-batched by tokens."""
     out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     device = next(model.parameters()).device
     for idx in split_micro_batches(seqs, token_budget):
         packed = pack([seqs[i] for i in idx], device)
-        logp, _ = policy_logprobs(model, packed, layer=layer, norm=norm, temperature=temperature)
+        logp, _ = policy_logprobs(model, packed, layer=layer, norm=norm, temperature=temperature,
+                                  vocab_size=vocab_size)
         logp = logp.float().cpu()
         owner = packed.seq_index.cpu()
         for j, i in enumerate(idx):
@@ -119,14 +123,15 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list
                   layer: int | None, norm: bool, temperature: float, mini_batches: int, token_budget: int,
                   clip_low: float, clip_high: float, dual_clip: float, entropy_coef: float = 0.0,
                   kl_coef: float = 0.0, grad_clip: float = 0.0, tis_cap: float = 0.0,
-                  trainable: list[nn.Parameter] | None = None, scheduler=None) -> dict[str, float]:
+                  trainable: list[nn.Parameter] | None = None, scheduler=None,
+                  vocab_size: int | None = None) -> dict[str, float]:
     """Run `mini_batches` optimizer steps over this rank's `seqs` (split in order, equal counts on every rank).
 
     The loss of each micro-batch is its token sum divided by the GLOBAL response-token count of the optimizer step
     (all micro-batches, all ranks); FSDP averages gradients over ranks, so the loss is scaled by the world size to
     make the reduced gradient exactly the gradient of the global token mean. `trainable`: the parameters the
     optimizer may touch (phase one: layers 0..k and the embedding/head); every other gradient is dropped before
-    the step so AdamW (weight decay included) skips those parameters entirely.
+    the step so AdamW (weight decay included) skips those parameters entirely. `vocab_size`: see policy_logprobs.
     """
     if len(seqs) % mini_batches:
         raise ValueError(f"{len(seqs)} sequences on rank {info.rank} do not split into {mini_batches} mini-batches")
@@ -143,7 +148,8 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list
             # a rank with fewer sequences than `count` still runs a (zero-weight) pass: FSDP's collectives pair up
             mb, scale = ([mini[i] for i in idx], 1.0) if idx else ([Seq([0], [0])], 0.0)
             packed = pack(mb, device)
-            logp, ent = policy_logprobs(model, packed, layer=layer, norm=norm, temperature=temperature)
+            logp, ent = policy_logprobs(model, packed, layer=layer, norm=norm, temperature=temperature,
+                                        vocab_size=vocab_size)
             adv = torch.tensor([mb[i].advantage for i in packed.seq_index.tolist()], device=device)
             old = torch.cat([s.old_logp for s in mb]).to(device) if mb[0].old_logp is not None else logp.detach()
             ref = torch.cat([s.ref_logp for s in mb]).to(device) if kl_coef and mb[0].ref_logp is not None else None

@@ -79,7 +79,8 @@ def generate_samples(model, tok, args) -> list[tuple[list[int], list[int]]]:
                             seed=args.seed, stop_token_ids=tuple(tok.stop_token_ids))
     t0 = time.time()
     print(f"[entropy_flow] generating {len(prompts)} responses (max {args.max_new_tokens} tokens)", flush=True)
-    out = BuiltinEngine(model, max_batch_size=args.max_batch_size).generate([p.ids for p in prompts], params)
+    engine = BuiltinEngine(model, max_batch_size=args.max_batch_size, vocab_size=tok.vocab_size)
+    out = engine.generate([p.ids for p in prompts], params)
     print(f"[entropy_flow] generated {sum(len(s.response_ids) for s in out)} tokens in {time.time() - t0:.1f}s",
           flush=True)
     return [(list(s.prompt_ids), list(s.response_ids)) for s in out]

@@ -143,7 +143,7 @@ def make_engine(kind: str, path: Path, tok, args):
 
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     return BuiltinEngine(models.load_pretrained(path, dtype=dtype, device=device),
-                         max_batch_size=args.max_batch_size)
+                         max_batch_size=args.max_batch_size, vocab_size=tok.vocab_size)
 
 
 # --- generation --------------------------------------------------------------------------------------------------

@@ -200,3 +200,23 @@ def test_top_p_samples_from_the_nucleus(scale):
         assert tok[r] in nucleus
         want = x[r][nucleus].log_softmax(-1)[nucleus == tok[r]][0]
         torch.testing.assert_close(lp[r], want, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_is_masked_to_the_real_vocabulary(model, prompts):
+    """A padded embedding (more rows than tokenizer ids) is never sampled, and the log-probs are those of the
+    distribution over the real ids only, as with the vLLM engine's mask."""
+    V = model.config.vocab_size - 7
+    loud = models.build_model(model.config.to_hf_dict(), seed=1)
+    with torch.no_grad():
+        loud.unembedding[V:] = 50 * loud.unembedding[V:].sign()  # padded rows would dominate an unmasked softmax
+    assert any(i >= V for s in BuiltinEngine(loud).generate(prompts, SamplingParams(**SAMPLE)) for i in s.response_ids)
+    out = BuiltinEngine(loud, vocab_size=V).generate(prompts, SamplingParams(**{**SAMPLE, "top_p": 1.0, "top_k": 0}))
+    assert all(i < V for s in out for i in s.response_ids)
+    for s in out:
+        ids = prompts[s.prompt_index]
+        logits = policy_logits(loud, ids + s.response_ids)[len(ids) - 1 : -1, :V]
+        want = logits.log_softmax(-1).gather(-1, torch.tensor(s.response_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-5, rtol=1e-5)
+    for bad in (0, model.config.vocab_size + 1):
+        with pytest.raises(ValueError, match="vocab_size"):
+            BuiltinEngine(loud, vocab_size=bad)

@@ -88,3 +88,30 @@ def test_split_micro_batches():
     fixed = split_micro_batches(seqs, 10, count=2)
     assert sorted(i for b in fixed for i in b) == list(range(5)) and len(fixed) == 2
     assert split_micro_batches(seqs[:1], 10, count=3).count([]) == 2
+
+
+def test_policy_logprobs_over_the_real_vocabulary_only():
+    """vocab_size restricts the policy to the first rows of the unembedding: log-probs and entropies of the softmax
+    over those rows, and no gradient reaches the padded rows."""
+    import models
+    from bupo.update import policy_logprobs
+
+    cfg = dict(model_type="qwen3", vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    model = models.build_model(cfg, seed=0)
+    V = 60
+    seqs = [Seq([3, 9, 4], [7, 59, 1]), Seq([5], [2, 8])]
+    packed = pack(seqs, torch.device("cpu"))
+    for layer, norm in ((None, False), (0, True)):
+        model.zero_grad(set_to_none=True)
+        logp, ent = policy_logprobs(model, packed, layer=layer, norm=norm, temperature=0.7, vocab_size=V)
+        (logp.sum() + ent.sum()).backward()
+        with torch.no_grad():
+            h = model.hidden_states(packed.input_ids, layer=layer, cu_seqlens=packed.cu_seqlens, norm=norm)
+            z = (h[0, packed.resp_pos] @ model.unembedding[:V].T / 0.7).log_softmax(-1)  # [N, V]
+        torch.testing.assert_close(logp, z.gather(1, packed.labels[:, None])[:, 0])
+        torch.testing.assert_close(ent, -(z.exp() * z).sum(-1))
+        g = model.lm_head.weight.grad
+        assert g[V:].abs().max() == 0 and g[:V].abs().max() > 0
+    full, _ = policy_logprobs(model, packed, layer=None)
+    assert not torch.allclose(full, policy_logprobs(model, packed, layer=None, vocab_size=V)[0])
