@@ -208,8 +208,8 @@ def _max_err(a: dict, b: dict) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.skipif(not HAS_LIGER_PKG, reason="needs liger-kernel (pip install -e '.[gpu]')")
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_LIGER_PKG),
+                    reason="needs a CUDA device and liger-kernel (pip install -e '.[gpu]')")
 @pytest.mark.parametrize("name", ["qwen3_tied", "qwen2_bias", "llama3_scaled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_real_liger_matches_plain_modules_on_cuda(name, dtype):
