@@ -161,25 +161,30 @@ def boundary_layer(flow_or_ffn_delta: dict | Sequence[float]) -> int:
 
 @torch.inference_mode()
 def layer_diagnostics(model, input_ids: torch.Tensor, k: int, *, cu_seqlens: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None, temperature: float = 1.0, chunk_rows: int = 1024) -> dict:
+                      mask: torch.Tensor | None = None, temperature: float = 1.0, chunk_rows: int = 1024,
+                      vocab_size: int | None = None) -> dict:
     """Per later layer l > k, on a probe batch: mean cosine similarity cos(h_k, h_l) and mean KL(pi^k || pi^l),
     with pi^l = softmax(h_l E^T / T) (raw residuals, no final norm). Also the final policy as "final".
 
     input_ids [B, T] (or [1, N] with cu_seqlens); mask [B, T] bool selects the positions to average (all by
-    default). Logits are built chunk_rows rows at a time: peak [chunk_rows, V] per policy.
-    Returns {"layers": [k+1 .. L-1], "cos": [...], "kl": [...], "cos_final": float, "kl_final": float}.
+    default). Logits are built chunk_rows rows at a time: peak [chunk_rows, V] per policy. vocab_size: the
+    policies are softmaxes over the first vocab_size unembedding rows (the tokenizer's ids; None: all rows).
+    Returns {"layers": [k+1 .. L-1], "cos": [...], "kl": [...], "cos_final": float, "kl_final": float,
+    "num_tokens": int}.
     """
     L = model.config.num_hidden_layers
     if not 0 <= k < L:
         raise ValueError(f"k={k}; must be in [0, {L - 1}]")
-    caps = model.capture(input_ids, cu_seqlens=cu_seqlens)
+    caps = model.capture(input_ids, cu_seqlens=cu_seqlens, keys=("layer_out",))
     sel = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device) if mask is None else mask.bool()
     hs = [c["layer_out"][sel] for c in caps]  # L x [n, H]
     later = hs[k + 1:] + [model.model.norm(hs[-1])]
-    E = model.unembedding
+    E = model.unembedding if vocab_size is None else model.unembedding[:vocab_size]  # [V, H]
     cos = [F.cosine_similarity(hs[k].float(), h.float(), dim=-1).mean().item() for h in later]
     kl = [0.0] * len(later)
     n = hs[k].shape[0]
+    if n == 0:
+        raise ValueError("layer_diagnostics: the mask selects no positions")
     for s in range(0, n, chunk_rows):
         logp_k = F.log_softmax((hs[k][s:s + chunk_rows] @ E.T).float() / temperature, dim=-1)  # [c, V]
         for j, h in enumerate(later):
@@ -187,4 +192,4 @@ def layer_diagnostics(model, input_ids: torch.Tensor, k: int, *, cu_seqlens: tor
             kl[j] += (logp_k.exp() * (logp_k - logp_l)).sum().item()
     kl = [x / n for x in kl]
     return {"layers": list(range(k + 1, L)), "cos": cos[:-1], "kl": kl[:-1], "cos_final": cos[-1],
-            "kl_final": kl[-1]}
+            "kl_final": kl[-1], "num_tokens": n}

@@ -100,6 +100,8 @@ class TrainerConfig:
     val_every: int = 0  # validation period in steps (0: off)
     val_n: int = 4  # samples per validation prompt (avg@val_n)
     val_max_new_tokens: int = 0  # 0: rollout.max_new_tokens
+    diag_every: int = 0  # paper Fig. 5 diagnostics period in steps: cos(h_k, h_l), KL(pi^k || pi^l) per layer (0: off)
+    diag_seqs: int = 4  # rollouts per rank (this step's first ones) the diagnostics average over
     device: str = "auto"  # "auto", "cpu" or "cuda"
     threads: int = 0  # torch CPU threads per process (0: torch's default)
     plot: bool = True  # write reward/entropy curves to out_dir/curves.png at the end
@@ -144,12 +146,12 @@ def _validate(c: Config, num_layers: int | None) -> None:
     _choice("algo.adv_estimator", c.algo.adv_estimator, ("grpo", "rloo", "reinforce_pp"))
     _choice("trainer.device", c.trainer.device, ("auto", "cpu", "cuda"))
     for name in ("data.batch_size", "rollout.n", "rollout.max_new_tokens", "algo.ppo_mini_batch_size",
-                 "algo.micro_batch_tokens", "trainer.total_steps", "data.max_prompt_length"):
+                 "algo.micro_batch_tokens", "trainer.total_steps", "data.max_prompt_length", "trainer.diag_seqs"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(c, section), key))
     for name in ("algo.clip_low", "algo.clip_high", "algo.dual_clip", "algo.kl_coef", "optim.lr",
                  "optim.weight_decay", "optim.grad_clip", "trainer.save_every", "trainer.val_every",
-                 "bupo.iterative_steps", "rollout.tis_cap", "rollout.top_p"):
+                 "trainer.diag_every", "bupo.iterative_steps", "rollout.tis_cap", "rollout.top_p"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(c, section), key), allow_zero=True)
     if c.algo.clip_low >= 1:

@@ -28,7 +28,7 @@ from bupo.metrics import MetricsLogger, peak_mem_gb, plot_curves, read_jsonl, su
 from bupo.reward import score_batch
 from bupo.rollout import BuiltinEngine, SamplingParams
 from bupo.tokenizer import Tokenizer
-from bupo.update import Seq, compute_logprobs, phase_one_names, update_policy
+from bupo.update import Seq, compute_logprobs, pack, phase_one_names, update_policy
 from models.liger import resolve_liger, use_liger
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -115,6 +115,27 @@ def validate(cfg: Config, engine, tok: Tokenizer, val_sets: dict, info: parallel
         res = score_batch([tok.decode(s.response_ids) for s in samples], truths)
         correct, total = parallel.all_reduce(torch.tensor([sum(r.score for r in res), len(res)])).tolist()
         out[f"val/{name}"] = correct / max(total, 1)
+    return out
+
+
+@torch.no_grad()
+def layer_diagnostics_step(cfg: Config, model, seqs: list[Seq], k: int, info: parallel.DistInfo,
+                           vocab_size: int) -> dict:
+    """Paper Fig. 5 during training: cos(h_k, h_l) and KL(pi^k || pi^l) for every layer l above k and for the final
+    policy, averaged over the response tokens of this rank's first trainer.diag_seqs rollouts and over all ranks."""
+    from bupo.analysis import layer_diagnostics
+
+    packed = pack(seqs[: cfg.trainer.diag_seqs], info.device)
+    mask = torch.zeros(packed.input_ids.shape, dtype=torch.bool, device=info.device)  # [1, total]
+    mask[0, packed.resp_pos] = True  # the positions whose policy produced a response token
+    d = layer_diagnostics(model, packed.input_ids, k, cu_seqlens=packed.cu_seqlens, mask=mask,
+                          temperature=cfg.rollout.temperature, vocab_size=vocab_size)
+    n, later = d["num_tokens"], len(d["layers"])
+    sums = parallel.all_reduce(torch.tensor([1.0, d["cos_final"], d["kl_final"], *d["cos"], *d["kl"]]) * n).tolist()
+    avg = [x / sums[0] for x in sums]  # token-weighted means over ranks
+    out = {"diag/cos_final": avg[1], "diag/kl_final": avg[2]}
+    for i, layer in enumerate(d["layers"]):
+        out[f"diag/cos_l{layer}"], out[f"diag/kl_l{layer}"] = avg[3 + i], avg[3 + later + i]
     return out
 
 
@@ -315,6 +336,8 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
                   **{key: m[key] for key in ("kl_ref", "logp_mismatch") if key in m},
                   "time_rollout": time_rollout, "time_reward": time_reward, "time_logprob": time_logprob,
                   "time_update": time_update, "time_sync": time_sync, "sync_mb": sync_bytes / 2**20}
+        if cfg.trainer.diag_every and step % cfg.trainer.diag_every == 0:  # every rank: capture is collective
+            record.update(layer_diagnostics_step(cfg, model, seqs, k, info, tok.vocab_size))
         # --- eval
         if cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or step == cfg.trainer.total_steps):
             record.update(validate(cfg, engine, tok, val_sets, info, step))

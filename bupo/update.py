@@ -83,7 +83,8 @@ def policy_logprobs(model: nn.Module, packed: Packed, *, layer: int | None, norm
 def split_micro_batches(seqs: list[Seq], token_budget: int, count: int | None = None) -> list[list[int]]:
     """Indices of `seqs` in micro-batches. Without `count`: greedy fill up to `token_budget` tokens (a longer
     sequence gets a batch of its own). With `count`: exactly `count` batches balanced by tokens (longest first
-    into the lightest; empty ones when there are fewer sequences), which keeps the number of FSDP backward passes equal on every rank."""
+    into the lightest; empty ones when there are fewer sequences), which keeps the number of FSDP backward passes
+    equal on every rank."""
     if count is None:
         batches, cur, used = [], [], 0
         for i, s in enumerate(seqs):

@@ -18,10 +18,11 @@ How it fits the trainer (bupo/train.py):
 - Sampling is masked to the tokenizer's real vocabulary when the checkpoint pads its embedding (Qwen: 151669 real
   tokens of 151936 rows): a `logit_bias` of -inf on the padded ids (267 entries for Qwen). Not `allowed_token_ids`:
   vLLM's V2 model runner (the default for dense models in recent releases) refuses more than 1024 of them, and on V1
-  a 151669-id whitelist costs ~0.15 s of CPU per request (deep copy, validation, mask fill). Log-probs are vLLM's
-  "processed" ones (after temperature and the mask), i.e. of the distribution the token was drawn from. Every sample is its own n=1 request seeded with
-  `bupo.rollout.sequence_seed(params.seed, prompt index, sample index)`, as in the built-in engine, so a sample does
-  not depend on the batch it lands in (vLLM shares the prompt's KV between its samples through the prefix cache).
+  a 151669-id whitelist costs about 0.15 s of CPU per request (its deep copy, validation and mask fill, timed on
+  CPU). Log-probs are vLLM's "processed" ones (after temperature and the mask), i.e. of the distribution the token
+  was drawn from. Every sample is its own n=1 request seeded with `bupo.rollout.sequence_seed(params.seed, prompt
+  index, sample index)`, as in the built-in engine, so a sample does not depend on the batch it lands in (vLLM
+  shares the prompt's KV between its samples through the prefix cache).
 """
 
 from __future__ import annotations

@@ -47,6 +47,19 @@ def _varlen_attn():
     return varlen_attn, kw, "enable_gqa" in params
 
 
+class Captured:
+    """Where a decoder layer writes its modular quantities (`out.update(layer_in=..., ...)`) for `capture`.
+
+    Deliberately not a dict, list, tuple or dataclass: FSDP2 rebuilds forward arguments of those kinds when it casts
+    inputs to its compute dtype, so a dict argument would be filled in a copy and come back empty to the caller."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+
+    def update(self, **tensors: torch.Tensor) -> None:
+        self.values.update(tensors)
+
+
 @dataclass
 class Packing:
     """Boundaries of the sequences packed into one row: cu_seqlens int32 [S+1], on the device and as ints."""

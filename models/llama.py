@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttnArgs, KVCache, causal_attention, decode_mask, masked_attention, packed_positions, packing
+from .attention import AttnArgs, Captured, KVCache, causal_attention, decode_mask, masked_attention, packed_positions, packing
 
+CAPTURE_KEYS = ("layer_in", "attn_in", "attn_out", "ffn_in", "ffn_out", "layer_out")  # what capture() returns
 ARCHITECTURES = {"llama": "LlamaForCausalLM"}
 _WRITTEN_BY_SAVE = {"architectures", "model_type", "torch_dtype", "dtype", "rope_parameters", "transformers_version"}
 
@@ -215,8 +216,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, a: AttnArgs, out: dict | None = None) -> torch.Tensor:
-        """x [B, T, H] -> [B, T, H]. When `out` is a dict it receives the modular quantities of this very pass."""
+    def forward(self, x: torch.Tensor, a: AttnArgs, out: Captured | None = None) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]. When `out` is given it receives the modular quantities of this very pass."""
         attn_in = self.input_layernorm(x)
         attn_out = self.self_attn(attn_in, a)  # A_l, before the residual add
         h = x + attn_out
@@ -276,7 +277,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"layer must be None or an int in [0, {L - 1}], got {layer!r}")
         return layer
 
-    def _run(self, input_ids, last, cu_seqlens, position_ids, capture: dict | None = None) -> torch.Tensor:
+    def _run(self, input_ids, last, cu_seqlens, position_ids, capture: dict | None = None, keys=None) -> torch.Tensor:
         B, T = input_ids.shape
         p = None
         if cu_seqlens is not None:
@@ -290,10 +291,10 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         a = AttnArgs(cos, sin, p)
         for i in range(last + 1):
-            out = {} if capture is not None and i in capture else None
+            out = Captured() if capture is not None and i in capture else None
             x = self.model.layers[i](x, a, out)
-            if out is not None:
-                capture[i] = out
+            if out is not None:  # keep only the requested quantities, so the others are freed layer by layer
+                capture[i] = out.values if keys is None else {key: out.values[key] for key in keys}
         return x
 
     def forward(self, input_ids: torch.Tensor, *, cu_seqlens=None, position_ids=None) -> torch.Tensor:
@@ -308,16 +309,21 @@ class LlamaForCausalLM(nn.Module):
         h = self._run(input_ids, self._last_layer(layer), cu_seqlens, position_ids)
         return self.model.norm(h) if layer is None or norm else h
 
-    def capture(self, input_ids: torch.Tensor, *, cu_seqlens=None, position_ids=None, layers=None) -> list[dict]:
+    def capture(self, input_ids: torch.Tensor, *, cu_seqlens=None, position_ids=None, layers=None,
+                keys=None) -> list[dict]:
         """One dict per requested layer (all by default), in the order given, with layer_in, attn_in, attn_out,
-        ffn_in, ffn_out, layer_out, each [B, T, H]. Runs layers up to max(layers) only."""
+        ffn_in, ffn_out, layer_out, each [B, T, H] (only `keys` of them when given). Runs layers up to max(layers)
+        only."""
         idx = list(range(self.config.num_hidden_layers)) if layers is None else list(layers)
         for i in idx:
             self._last_layer(i)
+        bad = set(keys or ()) - set(CAPTURE_KEYS)
+        if bad:
+            raise ValueError(f"capture keys {sorted(bad)} are unknown; valid: {', '.join(CAPTURE_KEYS)}")
         if not idx:
             return []
         got: dict = {i: None for i in idx}
-        self._run(input_ids, max(idx), cu_seqlens, position_ids, capture=got)
+        self._run(input_ids, max(idx), cu_seqlens, position_ids, capture=got, keys=keys)
         return [got[i] for i in idx]
 
     def new_cache(self, batch_size: int, max_len: int, *, num_layers=None, dtype=None, device=None) -> KVCache:

@@ -2,6 +2,7 @@
 upper layers untouched in phase one, exact resume, HF export, clear errors."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,41 @@ def test_liger_hooks_go_on_policy_sampler_and_reference(tiny_model, tmp_path, mo
     seen.clear()
     run(load_config(_args(tiny_model, tmp_path / "off", 1, **{"model.liger": "off", "bupo.iterative_steps": 1})))
     assert seen == []
+
+
+def test_layer_diagnostics_step_is_the_token_mean_over_packed_responses(tiny_model):
+    """Packed rollouts + response mask == each sequence on its own, weighted by its response tokens."""
+    from bupo.analysis import layer_diagnostics
+    from bupo.parallel import DistInfo
+    from bupo.train import layer_diagnostics_step
+    from bupo.update import Seq
+
+    model = models.load_pretrained(tiny_model)
+    cfg = load_config(["--trainer.diag_seqs=2", "--rollout.temperature=0.8"])
+    seqs = [Seq([5, 9, 31], [7, 8, 2, 6]), Seq([11], [3, 4]), Seq([1, 2], [3])]  # the third is beyond diag_seqs
+    got = layer_diagnostics_step(cfg, model, seqs, 1, DistInfo(0, 1, 0, torch.device("cpu")), vocab_size=40000)
+    assert set(got) == {"diag/cos_final", "diag/kl_final", "diag/cos_l2", "diag/kl_l2", "diag/cos_l3", "diag/kl_l3"}
+    parts = []
+    for s in seqs[:2]:
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        mask[0, len(s.prompt_ids) - 1:-1] = True  # positions predicting the response tokens
+        parts.append(layer_diagnostics(model, ids, 1, mask=mask, temperature=0.8, vocab_size=40000))
+    n = [p["num_tokens"] for p in parts]
+    assert n == [4, 2]
+    for key, pick in (("cos_final", lambda p: p["cos_final"]), ("kl_final", lambda p: p["kl_final"]),
+                      ("kl_l2", lambda p: p["kl"][0]), ("cos_l3", lambda p: p["cos"][1])):
+        want = sum(w * pick(p) for w, p in zip(n, parts)) / sum(n)
+        assert got[f"diag/{key}"] == pytest.approx(want, rel=1e-5, abs=1e-6), key
+
+
+def test_diagnostics_are_logged_every_diag_every_steps(tiny_model, tmp_path):
+    records = run(load_config(_args(tiny_model, tmp_path / "d", 3, **{"trainer.diag_every": 2,
+                                                                      "bupo.iterative_steps": 1})))
+    assert ["diag/kl_final" in r for r in records] == [False, True, False]
+    r = records[1]
+    assert -1 <= r["diag/cos_l2"] <= 1 and r["diag/kl_l3"] >= 0 and r["diag/kl_final"] >= 0
+    assert math.isfinite(r["diag/cos_final"])
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

@@ -176,3 +176,21 @@ def test_layer_diagnostics_matches_hooks(pair, samples):
         got_kl = out["kl"][j] if l < L else out["kl_final"]
         assert got_cos == pytest.approx(cos, rel=1e-4, abs=1e-5)
         assert got_kl == pytest.approx(kl, rel=1e-4, abs=1e-5)
+
+
+def test_layer_diagnostics_vocab_size_and_empty_mask(pair, samples):
+    ours, _ = pair
+    ids = torch.tensor([samples[0][0] + samples[0][1]])
+    V = ours.config.vocab_size - 5
+    full = layer_diagnostics(ours, ids, 0)
+    real = layer_diagnostics(ours, ids, 0, vocab_size=V)
+    assert real["cos"] == full["cos"] and real["kl_final"] != full["kl_final"]  # only the policies change
+    with torch.no_grad():
+        caps = ours.capture(ids, keys=("layer_out",))
+        E = ours.unembedding[:V].double()
+        h0, hf = caps[0]["layer_out"][0].double(), ours.model.norm(caps[-1]["layer_out"][0]).double()
+    p0, pf = torch.log_softmax(h0 @ E.T, -1), torch.log_softmax(hf @ E.T, -1)
+    assert real["kl_final"] == pytest.approx((p0.exp() * (p0 - pf)).sum(-1).mean().item(), rel=1e-4, abs=1e-5)
+    assert real["num_tokens"] == ids.shape[1]
+    with pytest.raises(ValueError, match="no positions"):
+        layer_diagnostics(ours, ids, 0, mask=torch.zeros(ids.shape, dtype=torch.bool))

@@ -176,3 +176,15 @@ def test_capture_on_packed_input(pair):
     got = ours.capture(torch.cat(seqs, 1), cu_seqlens=cu, layers=[0])[0]
     s, e = cu[1].item(), cu[2].item()
     assert_close(got["layer_out"][:, s:e], ours.capture(seqs[1], layers=[0])[0]["layer_out"])
+
+
+def test_capture_keys_keep_only_the_requested_quantities(pair):
+    ours, _ = pair
+    ids = torch.randint(0, ours.config.vocab_size, (2, 7))
+    full = ours.capture(ids, layers=[0, 2])
+    some = ours.capture(ids, layers=[0, 2], keys=("layer_out", "ffn_in"))
+    assert [set(d) for d in some] == [{"layer_out", "ffn_in"}] * 2
+    for f, s in zip(full, some):
+        assert all(torch.equal(f[key], s[key]) for key in s)
+    with pytest.raises(ValueError, match="unknown"):
+        ours.capture(ids, keys=("attn_weights",))
