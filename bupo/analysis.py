@@ -159,7 +159,9 @@ def boundary_layer(flow_or_ffn_delta: dict | Sequence[float]) -> int:
 
 # --- paper Fig. 5 diagnostics ---------------------------------------------------------------------------------------
 
-@torch.inference_mode()
+# no_grad, not inference_mode: the trainer calls this on its FSDP2 model, and a layer first gathered under
+# inference_mode would get an inference tensor as its unsharded weight, which FSDP2 cannot reuse afterwards
+@torch.no_grad()
 def layer_diagnostics(model, input_ids: torch.Tensor, k: int, *, cu_seqlens: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None, temperature: float = 1.0, chunk_rows: int = 1024,
                       vocab_size: int | None = None) -> dict:
