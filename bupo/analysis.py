@@ -181,7 +181,7 @@ def layer_diagnostics(model, input_ids: torch.Tensor, k: int, *, cu_seqlens: tor
     sel = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device) if mask is None else mask.bool()
     hs = [c["layer_out"][sel] for c in caps]  # L x [n, H]
     later = hs[k + 1:] + [model.model.norm(hs[-1])]
-    E = model.unembedding if vocab_size is None else model.unembedding[:vocab_size]  # [V, H]
+    E = model.unembedding[:vocab_size]  # [V, H] (every row when vocab_size is None)
     cos = [F.cosine_similarity(hs[k].float(), h.float(), dim=-1).mean().item() for h in later]
     kl = [0.0] * len(later)
     n = hs[k].shape[0]

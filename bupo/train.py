@@ -118,7 +118,6 @@ def validate(cfg: Config, engine, tok: Tokenizer, val_sets: dict, info: parallel
     return out
 
 
-@torch.no_grad()
 def layer_diagnostics_step(cfg: Config, model, seqs: list[Seq], k: int, info: parallel.DistInfo,
                            vocab_size: int) -> dict:
     """Paper Fig. 5 during training: cos(h_k, h_l) and KL(pi^k || pi^l) for every layer l above k and for the final

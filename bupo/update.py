@@ -76,7 +76,7 @@ def policy_logprobs(model: nn.Module, packed: Packed, *, layer: int | None, norm
     the support both rollout engines sample from when the checkpoint pads its embedding); None: every row."""
     h = model.hidden_states(packed.input_ids, layer=layer, cu_seqlens=packed.cu_seqlens, norm=norm)  # [1, total, H]
     h = h[0].index_select(0, packed.resp_pos)  # [N, H]
-    E = model.unembedding if vocab_size is None else model.unembedding[:vocab_size]  # [V, H], a contiguous view
+    E = model.unembedding[:vocab_size]  # [V, H], a contiguous view (every row when vocab_size is None)
     return kernels.linear_logprob_entropy(h, E, packed.labels, temperature=temperature)
 
 
