@@ -1,4 +1,5 @@
-"""Hand-written Qwen3 / Llama modules with HF-compatible weights in and out.
+"""Hand-written Llama-family decoder (Llama 3.x, Qwen2/2.5, Qwen3 as flags: models/decoder.py) with HF-compatible
+weights in and out.
 
     model = models.load_pretrained(path, dtype=torch.bfloat16, device="cuda")
     logits = model(input_ids)                       # [B, T, V]
@@ -10,20 +11,32 @@ GGUF conversion (`convert_gguf`, `smollm2_path`) imports the `gguf` and `tokeniz
 """
 
 from .attention import KVCache
+from .decoder import CausalLM, DecoderConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from .gguf import convert_gguf, resolve_model_path, smollm2_path
-from .hf_io import SUPPORTED_MODEL_TYPES, build_model, load_pretrained, save_pretrained
-from .llama import LlamaConfig, LlamaForCausalLM
-from .qwen3 import Qwen3Config, Qwen3ForCausalLM
+from .hf_io import (
+                    SUPPORTED_MODEL_TYPES,
+                    build_meta,
+                    build_model,
+                    check_checkpoint,
+                    iter_safetensors,
+                    load_pretrained,
+                    save_pretrained,
+)
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "CausalLM",
+    "DecoderConfig",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
     "Qwen3Config",
     "Qwen3ForCausalLM",
+    "build_meta",
     "build_model",
+    "check_checkpoint",
     "convert_gguf",
+    "iter_safetensors",
     "load_pretrained",
     "resolve_model_path",
     "save_pretrained",

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .decoder import LlamaConfig, LlamaForCausalLM
 from .hf_io import assign_state_dict, save_pretrained
-from .llama import LlamaConfig, LlamaForCausalLM
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 MARKER = ".bupo_gguf.json"  # written last: its presence means the folder is complete

@@ -2,42 +2,46 @@
 
 Loading builds the model on the meta device and assigns the checkpoint tensors (no random init, no second copy),
 then ties the head and computes the RoPE buffers on the target device. Only safetensors are read (no pickles).
+A folder that cannot be loaded (a file missing, not valid JSON, truncated, not matching the config) is a one-line
+ValueError naming the file.
 """
 
 import json
 import os
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .llama import LlamaConfig, LlamaForCausalLM
-from .qwen3 import Qwen3Config, Qwen3ForCausalLM
+from .decoder import CausalLM, DecoderConfig
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
-_CLASSES = {
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    "qwen2": (Qwen3Config, Qwen3ForCausalLM),  # Qwen2/2.5: a flag of the Qwen3 file
-    "llama": (LlamaConfig, LlamaForCausalLM),
-}
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # one decoder (models/decoder.py); the type sets its flags
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def config_from_hf(hf_config: dict) -> Qwen3Config | LlamaConfig:
+def config_from_hf(hf_config: dict) -> DecoderConfig:
     """The config dataclass for an HF config.json dict; ValueError for an unsupported model_type."""
     mt = hf_config.get("model_type")
-    if mt not in _CLASSES:
+    if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    return _CLASSES[mt][0].from_hf_dict(hf_config)
+    return DecoderConfig.from_hf_dict(hf_config)
 
 
 def _build_meta(hf_config: dict) -> nn.Module:
     cfg = config_from_hf(hf_config)
     with torch.device("meta"):
-        return _CLASSES[cfg.model_type][1](cfg)
+        return CausalLM(cfg)
+
+
+def build_meta(source: str | os.PathLike | dict) -> nn.Module:
+    """The model of an HF folder (its config.json, checked as load_pretrained checks it) or of a config.json dict, on
+    the meta device: no memory, no weights. Shard it, then `to_empty` + load + `init_buffers` (what
+    bupo.parallel.load_sharded does), or load it whole with load_pretrained."""
+    return _build_meta(source if isinstance(source, dict) else _read_config(Path(source)))
 
 
 def build_model(hf_config: dict, dtype=torch.float32, device="cpu", *, seed: int = 0) -> nn.Module:
@@ -60,24 +64,57 @@ def build_model(hf_config: dict, dtype=torch.float32, device="cpu", *, seed: int
     return model.to(dtype=dtype)
 
 
+def _read_json_object(f: Path) -> dict:
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not a valid JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _read_config(path: Path) -> dict:
+    """config.json of `path`, checked: a ValueError naming the file when it is missing, unreadable or unsupported."""
     f = path / "config.json"
     if not f.is_file():
         raise ValueError(f"{path} is not an HF model folder: config.json is missing")
-    return json.loads(f.read_text())
+    hf_config = _read_json_object(f)
+    try:
+        config_from_hf(hf_config)
+    except (ValueError, TypeError) as e:  # an unsupported, missing or wrongly typed field
+        raise ValueError(f"{f}: {e}") from None
+    return hf_config
 
 
 def _checkpoint_files(path: Path) -> list[Path]:
     if (path / INDEX).is_file():
-        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))]
+        weight_map = _read_json_object(path / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{path / INDEX}: no 'weight_map' of tensor name -> file name")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise ValueError(f"{path / INDEX} lists {f.name}, which is missing")
+        return files
     if (path / SINGLE).is_file():
         return [path / SINGLE]
     raise ValueError(f"{path} holds neither {SINGLE} nor {INDEX} (only safetensors checkpoints are read)")
 
 
-def _check_keys(model: nn.Module, shapes: dict[str, tuple]) -> None:
-    """One ValueError that lists every missing, unexpected and mis-shaped tensor."""
+def _open(f: Path, device: str = "cpu"):
+    try:
+        return safe_open(f, framework="pt", device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{f}: not a readable safetensors file; truncated or corrupt? ({e})") from None
+
+
+def _names(keys: list[str], limit: int = 10) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _check_keys(model: nn.Module, shapes: dict[str, tuple], where: str = "checkpoint") -> None:
+    """One ValueError (one line) that lists the missing, unexpected and mis-shaped tensors."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = model.config.tie_word_embeddings
     if tied:
@@ -89,28 +126,45 @@ def _check_keys(model: nn.Module, shapes: dict[str, tuple]) -> None:
     wrong = [f"{k}: checkpoint {shapes[k]} vs model {expected[k]}" for k in both if tuple(shapes[k]) != expected[k]]
     found = {"missing": missing, "unexpected": unexpected, "mis-shaped": wrong}
     if any(found.values()):
-        parts = [f"{name} ({len(keys)}): {', '.join(keys)}" for name, keys in found.items() if keys]
-        raise ValueError("checkpoint does not match the model config:\n  " + "\n  ".join(parts))
+        parts = [f"{name} ({len(keys)}): {_names(keys)}" for name, keys in found.items() if keys]
+        raise ValueError(f"{where} does not match the model config: " + "; ".join(parts))
+
+
+def check_checkpoint(model: nn.Module, path: str | os.PathLike) -> set[str]:
+    """Check the checkpoint in HF folder `path` against `model` from the file headers alone (no tensor is read): one
+    ValueError naming the folder for missing, unexpected or mis-shaped tensors. `model` may be on the meta device or
+    sharded (a DTensor's shape is the global one). Returns the names to load: every state-dict key except a tied head,
+    which shares the embedding's parameter (a checkpoint may store it; it is then ignored)."""
+    path = Path(path)
+    shapes = {}
+    for f in _checkpoint_files(path):
+        with _open(f) as st:
+            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+    _check_keys(model, shapes, where=f"the checkpoint in {path}")
+    return set(model.state_dict()) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+
+
+def iter_safetensors(path: str | os.PathLike, names: Collection[str] | None = None,
+                     device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the checkpoint in HF folder `path` (one file, or the shards of its index), one tensor at a time
+    in file order, each read when its turn comes and in its stored dtype; only `names` when given. Nothing else holds
+    a yielded tensor, so a caller that drops it before the next holds at most one full tensor at once.
+    One file handle per tensor: safetensors maps the whole file, and every page a read touches stays in the process's
+    resident memory until its handle closes (measured: a rank reading one file through one handle grew by the file)."""
+    for f in _checkpoint_files(Path(path)):
+        with _open(f) as st:
+            keys = [k for k in st.keys() if names is None or k in names]
+        for k in keys:
+            with _open(f, device=str(device)) as st:
+                t = st.get_tensor(k)  # on the CPU a view of the mapping, which lives as long as the tensor
+            yield k, t
 
 
 def load_pretrained(path: str | os.PathLike, dtype=torch.float32, device="cpu") -> nn.Module:
     """Load an HF folder (config.json + single or sharded safetensors) as our Qwen3/Llama module."""
-    path = Path(path)
-    model = _build_meta(_read_config(path))
-    files = _checkpoint_files(path)
-    shapes = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
-    _check_keys(model, shapes)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
-    state = {}
-    for f in files:
-        with safe_open(f, framework="pt", device=str(device)) as st:
-            for k in st.keys():
-                if k in expected:
-                    t = st.get_tensor(k)
-                    state[k] = t.to(dtype) if t.is_floating_point() else t
+    model = build_meta(path)
+    expected = check_checkpoint(model, path)
+    state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in iter_safetensors(path, expected, device)}
     assign_state_dict(model, state, checked=True)
     model.init_buffers(device)
     return model

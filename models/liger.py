@@ -1,6 +1,6 @@
-"""liger-kernel's fused RMSNorm, RoPE and SwiGLU inside our Qwen3 / Llama modules (CUDA, optional).
+"""liger-kernel's fused RMSNorm, RoPE and SwiGLU inside our decoder (models/decoder.py; CUDA, optional).
 
-Each model file's modules carry one hook, None by default (the plain PyTorch body runs):
+The decoder's modules carry one hook, None by default (the plain PyTorch body runs):
   RMSNorm.fused_norm(x, weight, eps) -> y          every RMSNorm (layer norms, q/k norms, the final norm)
   Attention.fused_rope(q, k, cos, sin) -> (q, k)   q [B, T, nh, hd], k [B, T, nkv, hd], cos/sin [B, T, hd]
   MLP.fused_swiglu(gate, up) -> silu(gate) * up

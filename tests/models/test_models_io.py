@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TINY, hf_model, transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_models import TINY, hf_model, transformers
 from torch.testing import assert_close
 
 import models
@@ -31,8 +31,8 @@ def test_our_save_loads_in_transformers(tiny_name, tmp_path):
     models.save_pretrained(ours, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["model_type"] == cfg["model_type"]
-    assert written["architectures"] == [type(ours).__name__.replace("Qwen3", "Qwen2")
-                                        if cfg["model_type"] == "qwen2" else type(ours).__name__]
+    hf_class = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+    assert written["architectures"] == [hf_class[cfg["model_type"]]]
     assert written["torch_dtype"] == written["dtype"] == "float32"
     assert ("lm_head.weight" in _keys(tmp_path)) != cfg["tie_word_embeddings"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
@@ -98,12 +98,12 @@ def test_low_precision_load_keeps_fp32_rope(tmp_path):
 
 
 def test_meta_build_then_to_empty_materializes_rope():
-    from models.llama import LlamaConfig, LlamaForCausalLM
+    from models.decoder import CausalLM, DecoderConfig
 
-    cfg = LlamaConfig.from_hf_dict(TINY["llama3_scaled"])
-    ref = LlamaForCausalLM(cfg).model.rotary_emb.inv_freq
+    cfg = DecoderConfig.from_hf_dict(TINY["llama3_scaled"])
+    ref = CausalLM(cfg).model.rotary_emb.inv_freq
     with torch.device("meta"):
-        m = LlamaForCausalLM(cfg)
+        m = CausalLM(cfg)
     assert m.model.rotary_emb.inv_freq.is_meta
     m.to_empty(device="cpu")
     assert torch.equal(m.model.rotary_emb.inv_freq, ref)
@@ -170,6 +170,21 @@ def test_unsupported_rope_scaling_is_rejected():
         models.build_model(bad)
 
 
+def test_omitted_keys_mean_what_each_family_means():
+    base = dict(vocab_size=11, hidden_size=64, intermediate_size=16, num_hidden_layers=1, num_attention_heads=8)
+    got = {mt: models.DecoderConfig.from_hf_dict(dict(base, model_type=mt)) for mt in ("llama", "qwen2", "qwen3")}
+    assert {mt: c.head_dim for mt, c in got.items()} == {"llama": 8, "qwen2": 8, "qwen3": 128}
+    assert {mt: c.rope_theta for mt, c in got.items()} == {"llama": 1e4, "qwen2": 1e6, "qwen3": 1e6}
+    for c in got.values():
+        assert c.rope_scaling is None and c.num_key_value_heads == 8 and not c.tie_word_embeddings
+
+
+def test_mlp_bias_is_llama_only():
+    assert models.build_model(dict(TINY["llama_tied"], mlp_bias=True)).model.layers[0].mlp.up_proj.bias is not None
+    with pytest.raises(ValueError, match="mlp_bias"):
+        models.build_model(dict(TINY["qwen3_tied"], mlp_bias=True))
+
+
 def test_import_models_is_cheap():
     code = ("import sys, models; heavy = [m for m in ('gguf', 'tokenizers', 'transformers') "
             "if m in sys.modules]; print(heavy)")
@@ -191,3 +206,53 @@ def test_saved_weights_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def _broken_folder(tmp_path, how: str) -> tuple[Path, str]:
+    """A saved tiny model with one thing broken; returns the folder and the file the error must name."""
+    models.save_pretrained(models.build_model(TINY["llama_tied"], seed=0), tmp_path)
+    weights, config, index = tmp_path / "model.safetensors", tmp_path / "config.json", tmp_path / INDEX
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif how == "empty":
+        weights.write_bytes(b"")
+    elif how == "header_only":
+        weights.write_bytes(weights.read_bytes()[:64])
+    elif how == "config_not_json":
+        config.write_text('{"model_type": "llama", ')
+    elif how == "config_not_object":
+        config.write_text("[1, 2]")
+    elif how == "config_wrong_type":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "num_attention_heads": "four"}))
+    elif how == "index_not_json":
+        index.write_text("{")
+        return tmp_path, str(index)
+    elif how == "index_without_map":
+        index.write_text(json.dumps({"metadata": {}}))
+        return tmp_path, str(index)
+    elif how == "index_missing_shard":
+        index.write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+        return tmp_path, "model-00002-of-00002.safetensors"
+    return tmp_path, str(weights if how in ("truncated", "empty", "header_only") else config)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "header_only", "config_not_json", "config_not_object",
+                                 "config_wrong_type", "index_not_json", "index_without_map", "index_missing_shard"])
+def test_unreadable_folder_is_a_one_line_error_naming_the_file(tmp_path, how):
+    folder, name = _broken_folder(tmp_path, how)
+    with pytest.raises(ValueError) as e:
+        models.load_pretrained(folder)
+    assert name in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_key_mismatch_is_one_line_with_capped_lists(tmp_path):
+    big = dict(TINY["llama_tied"], num_hidden_layers=6)
+    models.save_pretrained(models.build_model(big, seed=0), tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(big, num_hidden_layers=1)))
+    with pytest.raises(ValueError) as e:
+        models.load_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path) in msg and "unexpected (" in msg and "more)" in msg, msg

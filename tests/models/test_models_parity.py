@@ -2,7 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import LLAMA3_SCALING, TINY, hf_model
 from torch.testing import assert_close
+
+import models
 
 LENS = [5, 9, 3]
 
@@ -25,11 +28,21 @@ def test_logits_and_every_hidden_state_match_transformers(pair):
     assert_close(ours.unembedding, hf.lm_head.weight)
 
 
+@torch.no_grad()
+def test_llama3_rope_scaling_is_a_flag_of_every_family(tmp_path):
+    cfg = dict(TINY["qwen3_untied"], rope_scaling=LLAMA3_SCALING)
+    hf = hf_model(cfg)
+    hf.save_pretrained(tmp_path)
+    ours = models.load_pretrained(tmp_path)
+    assert ours.config.rope_scaling["rope_type"] == "llama3"
+    ids = _ids(cfg["vocab_size"], 2, 13)
+    assert_close(ours(ids), hf(ids).logits)
+
+
 def test_tied_head_is_one_parameter(pair):
     ours, _ = pair
     tied = ours.config.tie_word_embeddings
     assert (ours.unembedding is ours.model.embed_tokens.weight) == tied
-    assert ours.unembedding is ours.lm_head.weight
 
 
 @torch.no_grad()

@@ -1,5 +1,11 @@
-"""Llama-3.x causal LM (Llama-3.2/3.1, OctoThinker, SmolLM2), written out by hand; module names mirror the HF
-checkpoint so state dicts load as is. RoPE supports rope_scaling type "llama3".
+"""The Llama-family decoder, written out by hand: Llama 3.x (Llama-3.2/3.1, OctoThinker, SmolLM2), Qwen2/2.5 and
+Qwen3 are one module with flags. Module names mirror the HF checkpoints, so state dicts load and save as they are.
+
+What the families change, all decided by `model_type` and the config.json fields:
+  qwen3  per-head RMSNorm of q and k before RoPE (`q_norm`, `k_norm`); head_dim given explicitly (nh * hd != H)
+  qwen2  bias on q/k/v (never on o), whatever attention_bias says
+  llama  bias on q/k/v/o and gate/up/down as attention_bias / mlp_bias say
+RoPE may be "llama3"-scaled (rope_scaling) in any family; what a config.json leaves out means per family (OMITTED).
 
 Legend: B batch, T time, N packed tokens, H hidden, V vocab, L layers, nh query heads, nkv key/value heads,
 hd head dim, I MLP width.
@@ -13,15 +19,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttnArgs, Captured, KVCache, causal_attention, decode_mask, masked_attention, packed_positions, packing
+from .attention import (
+    AttnArgs,
+    Captured,
+    KVCache,
+    causal_attention,
+    decode_mask,
+    masked_attention,
+    packed_positions,
+    packing,
+)
 
 CAPTURE_KEYS = ("layer_in", "attn_in", "attn_out", "ffn_in", "ffn_out", "layer_out")  # what capture() returns
-ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _WRITTEN_BY_SAVE = {"architectures", "model_type", "torch_dtype", "dtype", "rope_parameters", "transformers_version"}
+_QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                 num_attention_heads=32, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                 rope_scaling=None)
+# What each family's config.json means by a key it leaves out, where that is not DecoderConfig's default
+# (Llama-3.2-3B); head_dim None: hidden_size // num_attention_heads, as transformers derives it.
+OMITTED = {
+    "llama": dict(rope_theta=10_000.0, rope_scaling=None, head_dim=None),
+    "qwen2": dict(_QWEN3_4B, head_dim=None),
+    "qwen3": dict(_QWEN3_4B, head_dim=128),
+}
 
 
 @dataclass
-class LlamaConfig:
+class DecoderConfig:
     """HF config.json fields; defaults are Llama-3.2-3B (the OctoThinker-3B architecture)."""
 
     vocab_size: int = 128256
@@ -45,32 +70,38 @@ class LlamaConfig:
         }
     )
     tie_word_embeddings: bool = True
-    attention_bias: bool = False  # bias on q/k/v/o
+    attention_bias: bool = False  # bias on q/k/v/o (Qwen2: q/k/v always, o never)
     mlp_bias: bool = False  # bias on gate/up/down
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    model_type: str = "llama"
+    model_type: str = "llama"  # "qwen2", "qwen3": the flags below
     extra: dict = field(default_factory=dict, repr=False)  # other config.json keys, written back unchanged
 
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: RMSNorm over each head's hd features of q and k, before RoPE."""
+        return self.model_type == "qwen3"
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias and self.model_type != "qwen2"
+
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "LlamaConfig":
+    def from_hf_dict(cls, d: dict) -> "DecoderConfig":
         names = {f.name for f in fields(cls)} - {"extra"}
-        kw = {k: v for k, v in d.items() if k in names and v is not None}
-        kw.setdefault("rope_theta", 10_000.0)  # transformers' defaults when config.json omits them
-        kw.setdefault("rope_scaling", None)
-        rope = d.get("rope_parameters")  # transformers >= 5 writes RoPE here instead of rope_theta/rope_scaling
-        if rope:
-            rope = dict(rope)
-            kw["rope_theta"] = rope.pop("rope_theta", kw["rope_theta"])
-            kw["rope_scaling"] = rope
-        if kw["rope_scaling"]:
-            sc = dict(kw["rope_scaling"])
-            sc.setdefault("rope_type", sc.pop("type", "default"))
-            kw["rope_theta"] = sc.pop("rope_theta", kw["rope_theta"])  # theta lives at the top level
-            kw["rope_scaling"] = sc if sc["rope_type"] != "default" else None
+        mt = d.get("model_type") or cls.model_type
+        if mt not in OMITTED:
+            raise ValueError(f"model_type {mt!r} is not one of {sorted(OMITTED)}")
+        kw = {**OMITTED[mt], **{k: v for k, v in d.items() if k in names and v is not None}}
+        kw["rope_theta"], kw["rope_scaling"] = _rope(kw["rope_theta"], d.get("rope_parameters") or kw["rope_scaling"])
         kw.setdefault("num_attention_heads", cls.num_attention_heads)
         kw.setdefault("num_key_value_heads", kw["num_attention_heads"])
-        kw.setdefault("head_dim", kw.get("hidden_size", cls.hidden_size) // kw["num_attention_heads"])
+        if kw["head_dim"] is None:
+            kw["head_dim"] = kw.get("hidden_size", cls.hidden_size) // kw["num_attention_heads"]
         kw.setdefault("tie_word_embeddings", False)  # what transformers assumes when config.json omits it
         extra = {k: v for k, v in d.items() if k not in names and k not in _WRITTEN_BY_SAVE}
         cfg = cls(**kw, extra=extra)
@@ -90,11 +121,24 @@ class LlamaConfig:
         kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
         if kind not in ("default", "llama3"):
             raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3' or none)")
+        if self.mlp_bias and self.model_type != "llama":
+            raise ValueError(f"mlp_bias=True is not supported for {self.model_type} (its MLPs have no bias)")
+        if self.extra.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=True is not supported (released Qwen checkpoints leave it off)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+
+
+def _rope(theta: float, scaling: dict | None) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling or None for plain RoPE) from either layout: transformers < 5 writes rope_theta and
+    rope_scaling (type or rope_type), >= 5 one rope_parameters dict holding both."""
+    sc = dict(scaling or {})
+    theta = sc.pop("rope_theta", theta)  # theta lives at the top level
+    sc.setdefault("rope_type", sc.pop("type", "default"))
+    return theta, (sc if sc["rope_type"] != "default" else None)
 
 
 class RMSNorm(nn.Module):
@@ -118,7 +162,7 @@ class RotaryEmbedding(nn.Module):
     buffer that is recomputed whenever the module is moved, cast or materialized (`to`, `to_empty`), so a meta
     build or a bf16 cast never leaves uninitialized or rounded frequencies."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.theta, self.hd, self.scaling = cfg.rope_theta, cfg.head_dim, cfg.rope_scaling
         self.max_pos = cfg.max_position_embeddings
@@ -164,23 +208,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+    def __init__(self, cfg: DecoderConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx  # which KV-cache layer this module reads and writes
         H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.hd = hd
-        b = cfg.attention_bias
-        self.q_proj = nn.Linear(H, nh * hd, bias=b)
-        self.k_proj = nn.Linear(H, nkv * hd, bias=b)
-        self.v_proj = nn.Linear(H, nkv * hd, bias=b)
-        self.o_proj = nn.Linear(nh * hd, H, bias=b)
+        self.q_proj = nn.Linear(H, nh * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(H, nkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(H, nkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, H, bias=cfg.o_bias)
         self.fused_rope = None  # (q, k, cos, sin) -> (q, k) rotated; set by models.liger.use_liger
+        self.qk_norm = cfg.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, a: AttnArgs) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.hd)  # [B, T, nh, hd]
         k = self.k_proj(x).view(B, T, -1, self.hd)  # [B, T, nkv, hd]
         v = self.v_proj(x).view(B, T, -1, self.hd)  # [B, T, nkv, hd]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_rope is not None:
             q, k = self.fused_rope(q, k, a.cos, a.sin)
         else:
@@ -194,7 +243,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         H, I = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
@@ -209,7 +258,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+    def __init__(self, cfg: DecoderConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
@@ -229,8 +278,10 @@ class DecoderLayer(nn.Module):
         return y
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+class Decoder(nn.Module):
+    """HF's `model.*`: embeddings, decoder layers, final norm, RoPE tables."""
+
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
@@ -238,15 +289,15 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg)
 
 
-class LlamaForCausalLM(nn.Module):
+class CausalLM(nn.Module):
     """`forward` -> logits; `hidden_states(layer=k)` runs decoder layers 0..k only; `capture` returns the
-    per-layer modular quantities; `new_cache` / `decode` serve the built-in sampler."""
+    per-layer modular quantities; `new_cache` / `decode` serve the built-in sampler. All four share `_run`."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         config.validate()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
@@ -277,25 +328,34 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"layer must be None or an int in [0, {L - 1}], got {layer!r}")
         return layer
 
-    def _run(self, input_ids, last, cu_seqlens, position_ids, capture: dict | None = None, keys=None) -> torch.Tensor:
+    def _run(self, input_ids, position_ids, layer, norm, capture: dict | None = None, keys=None, **attn):
+        """Embed, run decoder layers 0..layer (all for None) -> [B, T, H], final-normed for layer=None or norm=True.
+        `attn` completes AttnArgs (packing, or cache/start/mask); `capture` {i: None} gets layer i's modular
+        quantities (only `keys` of them when given)."""
+        last = self._last_layer(layer)
+        x = self.model.embed_tokens(input_ids)  # [B, T, H]
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        a = AttnArgs(cos, sin, **attn)
+        for i in range(last + 1):
+            out = Captured() if capture is not None and i in capture else None
+            x = self.model.layers[i](x, a, out)
+            if out is not None:  # keep only the requested quantities, so the others are freed layer by layer
+                capture[i] = out.values if keys is None else {key: out.values[key] for key in keys}
+        return self.model.norm(x) if layer is None or norm else x
+
+    def _positions(self, input_ids, cu_seqlens, position_ids) -> dict:
+        """position_ids (restarting per packed sequence when not given) and the packing of a [1, N] input."""
         B, T = input_ids.shape
         p = None
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"packed input (cu_seqlens given) must have shape [1, total], got {(B, T)}")
             p = packing(cu_seqlens, T, input_ids.device)
-            position_ids = packed_positions(p) if position_ids is None else position_ids
+        if position_ids is None and p is not None:
+            position_ids = packed_positions(p)
         elif position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-        x = self.model.embed_tokens(input_ids)  # [B, T, H]
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        a = AttnArgs(cos, sin, p)
-        for i in range(last + 1):
-            out = Captured() if capture is not None and i in capture else None
-            x = self.model.layers[i](x, a, out)
-            if out is not None:  # keep only the requested quantities, so the others are freed layer by layer
-                capture[i] = out.values if keys is None else {key: out.values[key] for key in keys}
-        return x
+        return {"position_ids": position_ids, "packing": p}
 
     def forward(self, input_ids: torch.Tensor, *, cu_seqlens=None, position_ids=None) -> torch.Tensor:
         """input_ids [B, T] (or [1, N] with cu_seqlens) -> logits [B, T, V] of the full policy."""
@@ -306,8 +366,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """[B, T, H]: layer=None -> final-normed state feeding lm_head; layer=k -> raw residual after decoder
         layer k (layers above k never run); norm=True applies model.norm to it."""
-        h = self._run(input_ids, self._last_layer(layer), cu_seqlens, position_ids)
-        return self.model.norm(h) if layer is None or norm else h
+        return self._run(input_ids, layer=layer, norm=norm, **self._positions(input_ids, cu_seqlens, position_ids))
 
     def capture(self, input_ids: torch.Tensor, *, cu_seqlens=None, position_ids=None, layers=None,
                 keys=None) -> list[dict]:
@@ -323,7 +382,8 @@ class LlamaForCausalLM(nn.Module):
         if not idx:
             return []
         got: dict = {i: None for i in idx}
-        self._run(input_ids, max(idx), cu_seqlens, position_ids, capture=got, keys=keys)
+        self._run(input_ids, layer=max(idx), norm=False, capture=got, keys=keys,
+                  **self._positions(input_ids, cu_seqlens, position_ids))
         return [got[i] for i in idx]
 
     def new_cache(self, batch_size: int, max_len: int, *, num_layers=None, dtype=None, device=None) -> KVCache:
@@ -347,10 +407,10 @@ class LlamaForCausalLM(nn.Module):
         last = self._last_layer(layer)
         if cache.num_layers <= last:
             raise ValueError(f"decoding up to layer {last} needs {last + 1} cache layers, cache has {cache.num_layers}")
-        x = self.model.embed_tokens(input_ids)  # [B, t, H]
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        mask = decode_mask(key_mask.to(x.device), start, input_ids.shape[1])  # [B, t, start+t]
-        a = AttnArgs(cos, sin, None, cache, start, mask)
-        for i in range(last + 1):
-            x = self.model.layers[i](x, a)
-        return self.model.norm(x) if layer is None or norm else x
+        mask = decode_mask(key_mask.to(input_ids.device), start, input_ids.shape[1])  # [B, t, start+t]
+        return self._run(input_ids, position_ids, layer, norm, cache=cache, start=start, mask=mask)
+
+
+# The transformers class names, importable as before: every family is the one class above
+LlamaConfig = Qwen3Config = DecoderConfig
+LlamaForCausalLM = Qwen3ForCausalLM = CausalLM
