@@ -234,6 +234,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    for name in ("hidden", "vocab", "tokens", "repeats", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)}: must be >= 1")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature={args.temperature}: must be > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda but no CUDA device is available; use cpu or auto")
+    folder = os.path.dirname(os.path.abspath(args.csv))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if os.path.isdir(args.csv) or not os.path.isdir(folder):  # checked now, not after the benchmark ran
+        raise ValueError(f"--csv {args.csv}: give a file path whose folders exist or can be created")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -304,4 +316,9 @@ def write_csv(path: str, meta: dict, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # bupo.cli.run_main's rule; kernels/ does not import bupo
+        if os.environ.get("BUPO_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"error: {e}")

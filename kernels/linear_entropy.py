@@ -9,8 +9,13 @@ makes one pass over W for all of them: the V-chunk loop reads each chunk of W on
 """
 import torch
 
-from kernels.linear_logprob_entropy import (_check_inputs, _resolve_backend, _torch_forward, _triton_forward,
-                                            linear_logprob_entropy_reference)
+from kernels.linear_logprob_entropy import (
+    _check_inputs,
+    _resolve_backend,
+    _torch_forward,
+    _triton_forward,
+    linear_logprob_entropy_reference,
+)
 
 
 def _entropy(hidden: torch.Tensor, weight: torch.Tensor, inv_t: float, backend: str) -> torch.Tensor:

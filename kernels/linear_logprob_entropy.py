@@ -19,9 +19,10 @@ FLOPs: forward 2NHV; backward 6NHV (recompute 2NHV, dh 2NHV, dW 2NHV), so 8NHV f
 Backends (all share the math above; "naive" is the spec the others are tested against):
 - "triton": the forward kernel streams V in tiles per block of rows (online max / sum-exp / sum e*(z - m),
   tl.dot with fp32 accumulation), split over V when there are few row blocks, with a tiny combine. The
-  backward recomputes logit tiles into a dz chunk of bounded size [N, Vc] (dz never exists whole) and
-  multiplies it by W_c (dh, fp32 accumulator) and by h (dW_c) with a tiled GEMM kernel. Runs on CUDA, and on
-  CPU under TRITON_INTERPRET=1 (how the tests run it).
+  backward's Triton kernel recomputes logit tiles into a dz chunk of bounded size [N, Vc] in the storage dtype
+  (dz never exists whole); cuBLAS then multiplies it by W_c into an fp32 dh accumulator and by h into dW_c
+  (torch.addmm / torch.mm with out_dtype=float32, see _addmm_fp32). Runs on CUDA, and on CPU under
+  TRITON_INTERPRET=1 (how the tests run it; triton 3.4, 3.5, 3.6 and 3.9 checked there).
 - "torch": the same tiling with PyTorch ops on [rows, Vc] tiles of at most CHUNK_BYTES, V chunks outer (W is
   read once per pass); the CPU default. CPU GEMMs on denormal floats ran ~200x slower here, and
   torch.set_flush_denormal only reaches the calling thread (not the OpenMP workers), so no global state is
@@ -58,6 +59,11 @@ def _jit(fn):
 
 
 # --- Triton kernels ---------------------------------------------------------------------------------------
+# 64-bit offsets (N x H and V x H pass 2^31 elements at real shapes): program ids go to int64 first, so row and
+# column indices are int64, and each pointer takes its row/column offset first (`ptr + rows * stride + k`); an
+# int argument >= 2^31 arrives as i64 anyway. tests/kernels checks this (test_triton_offsets_are_int64).
+# Loop bounds (H, TILES_PER_SPLIT) are constexpr: triton <= 3.6's interpreter cannot `range()` over a runtime
+# argument with NumPy >= 2.4.
 @_jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
     if PRECISION == "upcast":  # the CPU interpreter mis-multiplies bf16; fp32 products of bf16/fp16 are exact
@@ -66,9 +72,10 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @_jit
-def _logits_tile(h_ptr, w_ptr, rows, cols, N, v_end, H, stride_h, stride_w, inv_t,
+def _logits_tile(h_ptr, w_ptr, rows, cols, N, v_end, stride_h, stride_w, inv_t, H: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
-    """z[rows, cols] = h[rows] . W[cols] / T in fp32; columns >= v_end are -inf (they must add no mass)."""
+    """z[rows, cols] = h[rows] . W[cols] / T in fp32; columns >= v_end are -inf (they must add no mass).
+    rows, cols: int64."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_H):
         k = k0 + tl.arange(0, BLOCK_H)
@@ -81,8 +88,9 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, N, v_end, H, stride_h, stride_w, inv_
 
 
 @_jit
-def _fwd_kernel(h_ptr, w_ptr, y_ptr, stats_ptr, N, V, H, stride_h, stride_w, inv_t, TILES_PER_SPLIT,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_kernel(h_ptr, w_ptr, y_ptr, stats_ptr, N, V, stride_h, stride_w, inv_t, H: tl.constexpr,
+                TILES_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Per (row block, V split): running max m, sum-exp s, sum e*(z - m) q and label logit zy -> stats[4, S, N]."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -95,8 +103,8 @@ def _fwd_kernel(h_ptr, w_ptr, y_ptr, stats_ptr, N, V, H, stride_h, stride_w, inv
     zy = tl.zeros((BLOCK_N,), tl.float32)
     for i in range(TILES_PER_SPLIT):  # the first tile of every split is inside V (see _triton_forward)
         cols = (pid_s * TILES_PER_SPLIT + i) * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
-                         BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, stride_h, stride_w, inv_t,
+                         H, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -115,49 +123,27 @@ def _fwd_kernel(h_ptr, w_ptr, y_ptr, stats_ptr, N, V, H, stride_h, stride_w, inv
 
 
 @_jit
-def _dlogits_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, coef_ptr, dz_ptr, N, v0, v_end, H, stride_h, stride_w,
-                    stride_dz, inv_t, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """dz[:, cols - v0] = a 1[col=y] + p (beta t + gamma) for cols in [v0, v_end); coef = [a, beta, gamma] [3, N]."""
+def _dlogits_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, a_ptr, beta_ptr, gamma_ptr, dz_ptr, N, v0, v_end, stride_h,
+                    stride_w, stride_dz, inv_t, H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    """dz[:, cols - v0] = a 1[col=y] + p (beta t + gamma) for cols in [v0, v_end); a, beta, gamma [N] per row."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = v0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    z = _logits_tile(h_ptr, w_ptr, rows, cols, N, v_end, H, stride_h, stride_w, inv_t,
-                     BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, N, v_end, stride_h, stride_w, inv_t,
+                     H, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
     row_mask = rows < N
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    a = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
-    beta = tl.load(coef_ptr + N + rows, mask=row_mask, other=0.0)
-    gamma = tl.load(coef_ptr + 2 * N + rows, mask=row_mask, other=0.0)
+    a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
+    beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
+    gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0)
     t = z - lse[:, None]
     dz = tl.exp(t) * (beta[:, None] * tl.where(cols[None, :] < v_end, t, 0.0) + gamma[:, None])
     dz += tl.where(cols[None, :] == y[:, None], a[:, None], 0.0)
     mask = row_mask[:, None] & (cols[None, :] < v_end)
     tl.store(dz_ptr + rows[:, None] * stride_dz + (cols[None, :] - v0), dz.to(dz_ptr.dtype.element_ty), mask=mask)
-
-
-@_jit
-def _mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
-               ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """C[M, N] (+)= A[M, K] @ B[K, N] with an fp32 accumulator; C's last dim is contiguous."""
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
-                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc = _dot(a, b, acc, PRECISION)
-    c = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if ACCUMULATE:
-        acc += tl.load(c, mask=mask, other=0.0).to(tl.float32)
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 # --- Triton launchers -------------------------------------------------------------------------------------
@@ -174,18 +160,20 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _triton_forward(h, w, y, inv_t: float, splits: int | None = None):
-    """-> row max m, log sum exp(z - m), entropy, label logit zy: [N] fp32 each. `splits`: V splits per row block."""
+    """-> row max m, log sum exp(z - m), entropy, label logit zy: [N] fp32 each. `splits`: V splits per row block
+    (default: enough programs to fill the GPU twice, rounded down to a power of two so that TILES_PER_SPLIT, a
+    compile-time constant, takes at most ~9 values per vocabulary size)."""
     (N, H), V = h.shape, w.shape[0]
     cfg = _blocks(h.device)
     n_tiles, row_blocks = triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(N, cfg["BLOCK_N"])
     if splits is None:
         sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
-        splits = max(1, 2 * sms // row_blocks)
+        splits = 1 << (max(1, 2 * sms // row_blocks).bit_length() - 1)
     per_split = triton.cdiv(n_tiles, min(splits, n_tiles))
     splits = triton.cdiv(n_tiles, per_split)  # now every split starts inside V
     stats = torch.empty(4, splits, N, device=h.device, dtype=torch.float32)  # m, s, q, zy
-    _fwd_kernel[(row_blocks, splits)](h, w, y, stats, N, V, H, h.stride(0), w.stride(0), inv_t, per_split,
-                                      PRECISION=_precision(h.dtype), **cfg)
+    _fwd_kernel[(row_blocks, splits)](h, w, y, stats, N, V, h.stride(0), w.stride(0), inv_t, H=H,
+                                      TILES_PER_SPLIT=per_split, PRECISION=_precision(h.dtype), **cfg)
     m, s, q, zy = stats.unbind(0)
     m_max = m.amax(0)
     alpha = torch.exp(m - m_max)
@@ -195,32 +183,73 @@ def _triton_forward(h, w, y, inv_t: float, splits: int | None = None):
     return m_max, log_s, log_s - q_all / s_all, zy.sum(0)
 
 
-def _mm(a, b, c, accumulate: bool, cfg: dict):
-    M, K = a.shape
-    bm, bn, bk = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_H"]
-    grid = (triton.cdiv(M, bm), triton.cdiv(b.shape[1], bn))
-    _mm_kernel[grid](a, b, c, M, b.shape[1], K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-                     ACCUMULATE=accumulate, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a.dtype),
-                     **{k: v for k, v in cfg.items() if k.startswith("num_")})
+# The backward's GEMMs run in cuBLAS with fp32 sums. 16-bit operands with an fp32 result need `out_dtype` (CUDA,
+# torch >= 2.8); addmm with an fp32 C needs torch >= 2.10 (before, C must be 16-bit: we add an fp32 product). CPU
+# (the interpreter tests) upcasts: exact products, same sums. fp32 GEMMs follow allow_tf32 (off by default).
+_TORCH = torch.torch_version.TorchVersion(torch.__version__)
+_MM_OUT_DTYPE, _ADDMM_FP32_C = _TORCH >= (2, 8), _TORCH >= (2, 10)
 
 
-def _triton_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int):
-    """coef [3, N] = (a, beta, gamma) already divided by T. -> dh [N, H], dW [V, H] in the input dtype."""
+def _lowp_gemm_on_cuda(t: torch.Tensor) -> bool:
+    if not (t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if not _MM_OUT_DTYPE:
+        _warn_once(f"torch {torch.__version__} has no out_dtype for torch.mm: the linear_logprob_entropy backward "
+                   "upcasts its GEMM operands to fp32 (slower); torch >= 2.8 keeps them in 16 bit")
+    return _MM_OUT_DTYPE
+
+
+def _addmm_fp32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None) -> None:
+    """c += a @ b with c fp32 and a, b in the storage dtype; `scratch` is an fp32 tensor shaped like c."""
+    if a.dtype == c.dtype:
+        c.addmm_(a, b)
+    elif _lowp_gemm_on_cuda(a) and _ADDMM_FP32_C:
+        torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+    elif _lowp_gemm_on_cuda(a):
+        c.add_(torch.mm(a, b, out_dtype=torch.float32, out=scratch))
+    else:
+        c.addmm_(a.float(), b.float())
+
+
+def _mm_rounded_once(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None) -> None:
+    """out = a @ b, summed in fp32 and rounded once to out's dtype; `scratch` is an fp32 tensor shaped like out."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif _lowp_gemm_on_cuda(a):  # not a 16-bit cuBLAS result: that may reduce split-K partials in 16 bit
+        out.copy_(torch.mm(a, b, out_dtype=torch.float32, out=scratch))
+    else:
+        out.copy_(a.float() @ b.float())
+
+
+def _triton_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int, need: tuple[bool, bool]):
+    """coef [3, N] = (a, beta, gamma) already divided by T. -> dh [N, H], dW [V, H] in the input dtype (or None).
+
+    Per chunk of Vc vocabulary rows: the Triton kernel writes dz [N, Vc] in the storage dtype (recomputing the
+    logits), then cuBLAS does dh += dz W_c into an fp32 [N, H] accumulator and dW_c = dz^T h (fp32 sums, one
+    rounding). Memory beyond the outputs: dz (<= chunk_bytes), dh fp32, and fp32 scratch of [Vc, H] (and of
+    [N, H] on torch 2.8/2.9)."""
     (N, H), V = h.shape, w.shape[0]
     cfg = _blocks(h.device)
     bv = cfg["BLOCK_V"]
     vc = min(triton.cdiv(V, bv) * bv, max(bv, chunk_bytes // (N * h.element_size()) // bv * bv))
-    dz = torch.empty(N, vc, device=h.device, dtype=h.dtype)  # [N, Vc] the only logits-sized buffer
-    dh = torch.zeros(N, H, device=h.device, dtype=torch.float32)
-    dw = torch.empty_like(w)
+    dz_buf = torch.empty(N * vc, device=h.device, dtype=h.dtype)  # dz chunks [N, Vc], the only logits-sized buffer
+    lowp = _lowp_gemm_on_cuda(h)  # 16-bit operands, fp32 results: needs fp32 scratch
+    dh = torch.zeros(N, H, device=h.device, dtype=torch.float32) if need[0] else None
+    dh_scratch = torch.empty_like(dh) if need[0] and lowp and not _ADDMM_FP32_C else None  # [N, H]
+    dw = torch.empty_like(w) if need[1] else None
+    dw_scratch = torch.empty(vc, H, device=h.device, dtype=torch.float32) if need[1] and lowp else None  # [Vc, H]
+    a, beta, gamma = coef.unbind(0)
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
+        dz = dz_buf[: N * (v1 - v0)].view(N, v1 - v0)  # contiguous, also for the last, shorter chunk
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(v1 - v0, bv))
-        _dlogits_kernel[grid](h, w, y, lse, coef, dz, N, v0, v1, H, h.stride(0), w.stride(0), dz.stride(0),
-                              inv_t, PRECISION=_precision(h.dtype), **cfg)
-        _mm(dz[:, : v1 - v0], w[v0:v1], dh, True, cfg)  # dh += dz W_c  (fp32 accumulator)
-        _mm(dz[:, : v1 - v0].t(), h, dw[v0:v1], False, cfg)  # dW_c = dz^T h
-    return dh.to(h.dtype), dw
+        _dlogits_kernel[grid](h, w, y, lse, a, beta, gamma, dz, N, v0, v1, h.stride(0), w.stride(0), dz.stride(0),
+                              inv_t, H=H, PRECISION=_precision(h.dtype), **cfg)
+        if dh is not None:  # dh += dz W_c
+            _addmm_fp32(dh, dz, w[v0:v1], dh_scratch)
+        if dw is not None:  # dW_c = dz^T h
+            _mm_rounded_once(dw[v0:v1], dz.T, h, None if dw_scratch is None else dw_scratch[: v1 - v0])
+    return None if dh is None else dh.to(h.dtype), dw
 
 
 # --- chunked PyTorch path ---------------------------------------------------------------------------------
@@ -242,7 +271,7 @@ def _tile(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def _torch_forward(h, w, y: torch.Tensor | None, inv_t: float, chunk_bytes: int | None = None):
     """-> m, log_s, entropy, zy as _triton_forward (compute dtype; zy None without y). W is read once."""
     cd, dev = _compute_dtype(h.dtype), h.device
-    (N, H), V = h.shape, w.shape[0]
+    N, V = h.shape[0], w.shape[0]
     hs = h.to(cd) * inv_t  # [N, H]
     m = torch.full((N,), -math.inf, dtype=cd, device=dev)
     s, q = torch.zeros(N, dtype=cd, device=dev), torch.zeros(N, dtype=cd, device=dev)
@@ -340,8 +369,7 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         coef = torch.stack([g_lp, -c * g_ent, -c * (g_lp + g_ent * (ent - lse_lo))])  # [3, N]: a, beta, gamma
         need = ctx.needs_input_grad[:2]
         if ctx.backend == "triton":
-            dh, dw = _triton_backward(h, w, y, lse, coef * ctx.inv_t, ctx.inv_t, DZ_CHUNK_BYTES)
-            dh, dw = dh if need[0] else None, dw if need[1] else None
+            dh, dw = _triton_backward(h, w, y, lse, coef * ctx.inv_t, ctx.inv_t, DZ_CHUNK_BYTES, need)
         else:
             dh, dw = _torch_backward(h, w, y, lse, coef, ctx.inv_t, ctx.chunk_bytes, need)
         return dh, dw, None, None, None, None, None

@@ -16,7 +16,7 @@ import torch
 
 import kernels
 from kernels.bench import peak_allocated_bytes
-from kernels.linear_logprob_entropy import _INTERPRET, _triton_forward, triton
+from kernels.linear_logprob_entropy import _INTERPRET, _triton_forward, tl, triton
 
 f = kernels.linear_logprob_entropy
 M = sys.modules["kernels.linear_logprob_entropy"]
@@ -204,6 +204,80 @@ def test_triton_v_splits_combine_exactly():
     many = _triton_forward(h, w, y, 1 / 0.7, splits=7)
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton_here
+def test_triton_gradient_of_one_input_only():
+    h, w, y, g_lp, g_ent = make(9, 16, 300, device=TRITON_DEV)
+    both = run(h, w, y, g_lp, g_ent, 0.7, "triton")
+    for wrt in ("h", "w"):
+        hh, ww = h.clone().requires_grad_(wrt == "h"), w.clone().requires_grad_(wrt == "w")
+        logp, ent = f(hh, ww, y, temperature=0.7, backend="triton")
+        (logp * g_lp + ent * g_ent).sum().backward()
+        grad, other = (hh, ww) if wrt == "h" else (ww, hh)
+        assert other.grad is None
+        torch.testing.assert_close(grad.grad.double().cpu(), both[2 if wrt == "h" else 3])
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="a CPU stand-in for CUDA; run by test_triton_subprocess")
+@pytest.mark.parametrize("addmm_fp32_c", [True, False])  # torch >= 2.10; torch 2.8 and 2.9
+def test_triton_cuda_gemm_paths_with_a_stand_in(addmm_fp32_c, monkeypatch):
+    """The backward's 16-bit CUDA GEMM calls (out_dtype=float32), run on CPU against stand-ins for torch.mm and
+    torch.addmm that check the rules CUDA's kernels enforce and sum in fp32: catches wrong dtypes, scratch shapes
+    and slices, which the CPU upcast path would not exercise."""
+    real_mm, calls = torch.mm, []
+
+    def mm(a, b, out_dtype=None, *, out=None):
+        assert out_dtype == torch.float32 and a.dtype == b.dtype == torch.bfloat16, (out_dtype, a.dtype, b.dtype)
+        assert out.dtype == torch.float32 and out.shape == (a.shape[0], b.shape[1]), (out.dtype, out.shape)
+        calls.append("mm")
+        return out.copy_(real_mm(a.float(), b.float()))
+
+    def addmm(c, a, b, out_dtype=None, *, out=None):
+        assert addmm_fp32_c and out_dtype == c.dtype == torch.float32 and out is c and a.dtype == b.dtype
+        calls.append("addmm")
+        return c.add_(real_mm(a.float(), b.float()))
+
+    monkeypatch.setattr(M, "_lowp_gemm_on_cuda", lambda t: t.dtype == torch.bfloat16)
+    monkeypatch.setattr(M, "_ADDMM_FP32_C", addmm_fp32_c)
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(M, "DZ_CHUNK_BYTES", 2048)  # several V chunks, the last one shorter
+    compare("triton", 17, 32, 1009, 1.3, "normal", torch.bfloat16, device="cpu")
+    n_chunks = len(calls) // 2
+    assert n_chunks > 2 and calls == ["addmm" if addmm_fp32_c else "mm", "mm"] * n_chunks  # dh, then dW_c
+
+
+if triton is not None:
+    @triton.jit
+    def _int32_row_offset_kernel(x_ptr, stride):  # the bug class the check below must catch
+        row = tl.program_id(0)
+        tl.store(x_ptr + row * stride, 1.0)
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="reads the interpreter's pointer arithmetic; run by test_triton_subprocess")
+def test_triton_offsets_are_int64(monkeypatch):
+    """Every offset added to a uniform pointer (a kernel argument, or one moved by a scalar) is int64, in every
+    kernel, forward and backward: the rule that keeps `rows * stride` from wrapping at 2^31 elements (N x H and
+    V x H pass that at real shapes), checked without allocating that much. Smaller offsets (`+ k` inside a row)
+    go onto pointers that already differ per row and may stay int32."""
+    from triton.runtime import interpreter
+    real = interpreter.InterpreterBuilder.create_addptr
+    seen = []
+
+    def spy(self, ptr, offset):
+        uniform = bool((ptr.data == ptr.data.flat[0]).all())
+        seen.append((uniform, offset.data.dtype.itemsize))
+        return real(self, ptr, offset)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_addptr", spy)
+    _int32_row_offset_kernel[(2,)](torch.zeros(8), 4)
+    assert (True, 4) in seen  # the spy sees an int32 offset on a uniform pointer
+    seen.clear()
+    compare("triton", 17, 40, 300, 0.7, "normal", device="cpu")  # forward and backward kernels
+    kernels.linear_entropy(*make(5, 16, 100)[:2], backend="triton")
+    assert (True, 8) in seen and (False, 4) in seen  # both kinds of pointer arithmetic occurred
+    assert (True, 4) not in seen, "an int32 offset on a uniform pointer: take the program id to int64 first"
 
 
 def test_triton_subprocess():
