@@ -161,3 +161,235 @@ def test_shutdown_and_restart():
     assert not th.is_alive() and time.monotonic() - t0 < 5
     assert out == [RewardResult(0.0, "timeout")]
     assert score(r"\boxed{x^2}", "x*x").reason == "correct"
+
+
+def _reasons(table, **kw):
+    """(gold, answer, reason) for each row of a (gold, answer, want) table, scored in one batch."""
+    results = score_batch([f"The answer is $\\boxed{{{p}}}$." for _, p, _ in table], [g for g, _, _ in table],
+                          timeout_s=10.0, **kw)
+    return [(g, p, r.reason) for (g, p, _), r in zip(table, results)]
+
+
+# Issue 14.2: math-verify chops differences below ~1e-15 and rounds floats to 6 decimals.
+EXACT = [
+    ("2^{-60}", "2^{-61}", "wrong"),  # the issue's example
+    ("2^{-60}", r"\frac{1}{2^{60}}", "correct"),
+    ("3^{-243}", "3^{-242}", "wrong"),
+    ("e^{-100}", "e^{-101}", "wrong"),
+    (r"10^{-20}", "0", "wrong"),
+    ("0", r"\frac{1}{10^{9}}", "wrong"),
+    ("10^{20}", "10^{20}+1", "wrong"),
+    ("10^{20}", "100000000000000000000", "correct"),
+    ("100000000000000000000", "100000000000000000001", "wrong"),
+    ("2^{100}", "2^{100}+1", "wrong"),
+    ("2^{100}", "1267650600228229401496703205376", "correct"),
+    ("100!", "100!+1", "wrong"),
+    ("100!", "100 \\cdot 99!", "correct"),
+    (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}", "correct"),
+    (r"\sqrt{3+2\sqrt{2}}", r"1+\sqrt{2}", "correct"),
+    (r"\frac{1+\sqrt{5}}{4}", r"\cos\frac{\pi}{5}", "correct"),
+    (r"\pi", r"\arctan 1 + \arctan 2 + \arctan 3", "correct"),  # no proof found: zero at sympy's top precision
+    (r"\pi", r"\frac{355}{113}", "wrong"),
+    ("262537412640768744", r"e^{\pi\sqrt{163}}", "wrong"),  # 7.5e-13 apart
+    (r"\sqrt{2}", "1.41421356", "wrong"),  # an exact ground truth wants the exact value
+    (r"\frac{1}{3}", "0.3333", "wrong"),
+    (r"\frac{1}{3}", "0.333333", "wrong"),  # math-verify's 6-decimal rounding accepted this
+    (r"\frac{1}{3}", "0.33333333333333333333", "wrong"),
+    (r"\frac{2}{5}", "0.4", "correct"),  # a decimal means its written value
+    (r"\frac{1}{8}", "0.125", "correct"),
+    ("2\\pi", "6.2832", "wrong"),
+    ("2\\pi", "6.283185307179586", "wrong"),
+    ("2\\pi", r"\frac{4\pi}{2}", "correct"),
+    # the same kind inside structures: relations, tuples, intervals, sets, matrices, coefficients, exponents
+    ("x = 2^{-61}", "x = 2^{-60}", "wrong"),
+    ("x = 2^{-61}", "x = \\frac{1}{2^{61}}", "correct"),
+    ("(2^{-61}, 1)", "(2^{-60}, 1)", "wrong"),
+    (r"\{2^{-61}, 1\}", r"\{2^{-60}, 1\}", "wrong"),
+    (r"\begin{pmatrix} 2^{-61} \\ 1 \end{pmatrix}", r"\begin{pmatrix} 2^{-60} \\ 1 \end{pmatrix}", "wrong"),
+    (r"\begin{pmatrix} 2^{-61} \\ 1 \end{pmatrix}", r"\begin{pmatrix} \frac{1}{2^{61}} \\ 1 \end{pmatrix}", "correct"),
+    ("2^{-61}x", "2^{-60}x", "wrong"),
+    ("x^{2^{-61}}", "x^{2^{-60}}", "wrong"),
+    ("0.5x", r"\frac{x}{2}", "correct"),  # a decimal inside an expression is exact
+    ("0.5x", "0.51x", "wrong"),
+]
+
+
+def test_exact_values_compare_exactly():
+    assert _reasons(EXACT) == EXACT
+
+
+# A decimal ground truth is a rounding: an answer is correct when it rounds to it (half a unit of its last digit).
+DECIMAL = [
+    ("0.0466", "0.0466", "correct"),
+    ("0.0466", "0.04663", "correct"),
+    ("0.0466", "0.04655", "correct"),  # the half-unit ends are included
+    ("0.0466", "0.04654", "wrong"),
+    ("0.0466", "0.047", "wrong"),  # less precise than the ground truth
+    ("0.0466", "0.0467", "wrong"),
+    ("0.0466", r"\frac{233}{5000}", "correct"),
+    ("-2.5", "-2.54", "correct"),
+    ("-2.5", "2.5", "wrong"),
+    ("0.5", r"\frac{1}{2}", "correct"),
+    ("0.5", "0.54", "correct"),
+    ("0.5", "0.56", "wrong"),
+    ("0.0000001", "0.0000002", "wrong"),  # math-verify rounded both to 0.000000
+    ("0.0000001", "10^{-7}", "correct"),
+    ("0.220000", "0.2200004", "correct"),
+    ("0.220000", "0.22001", "wrong"),  # written trailing zeros count
+    ("6.2832", "2\\pi", "correct"),
+    ("3.14", "\\pi", "correct"),
+    ("3.14", "3", "wrong"),
+    ("2.72", "e", "correct"),
+    ("540", "540.0", "correct"),  # an integer ground truth is exact
+    ("540", "540.01", "wrong"),
+    ("5.10\\%", "5.1\\%", "correct"),
+    ("5.10\\%", "5.1", "correct"),  # a percentage is also its bare number ...
+    ("5.10\\%", "0.051", "correct"),  # ... and its value
+    ("5.10\\%", "5.2\\%", "wrong"),
+    ("9\\%", "0.09", "correct"),
+    ("9\\%", "0.1", "wrong"),
+    ("(0.5, 0.6)", "(0.52, 0.6)", "correct"),  # each written decimal of a tuple is a rounding
+    ("(0.5, 0.6)", "(0.5, 0.7)", "wrong"),
+]
+
+
+def test_decimal_ground_truth_is_a_rounding():
+    assert _reasons(DECIMAL) == DECIMAL
+
+
+COMMAS = [
+    ("500", "0,500", "wrong"),  # the issue's example: a leading 0 group is no thousands grouping
+    ("0.5", "0,500", "wrong"),  # nor a decimal comma
+    (r"\{0, 500\}", "0,500", "correct"),
+    ("1000", "1,000", "correct"),
+    ("1,000", "1000", "correct"),
+    ("1000000", "1,000,000", "correct"),
+    ("58,500", "58500", "correct"),
+    ("-1000", "-1,000", "correct"),
+    ("1234.5", "1,234.5", "correct"),
+    (r"\$1,000", "1000", "correct"),
+    ("1000", r"1,000 \text{ dollars}", "correct"),
+    ("10080", r"10,\!080", "correct"),
+    (r"11,\! 111,\! 111,\! 100", "11111111100", "correct"),
+    ("10080", "10{,}080", "correct"),
+    ("1000", r"1\,000", "correct"),
+    ("1000", "1 000", "correct"),
+    ("1000", "1,0000", "wrong"),  # groups of exactly three
+    ("1000000", "1,000,00", "wrong"),
+    ("1000", "1, 000", "wrong"),  # a space after the comma: a list
+    ("1, 2", "1,2", "correct"),
+    ("1,2", "1, 2", "correct"),
+    ("2,6", "6, 2", "correct"),
+    ("12,34", "1234", "wrong"),
+    ("12,34", r"\{12, 34\}", "correct"),
+    ("12,34", "12.34", "wrong"),
+    ("3.5", "3,5", "wrong"),  # a comma is never a decimal point
+    ("3,5", "3, 5", "correct"),
+    ("(2, 100)", "(2,100)", "correct"),  # in brackets a comma separates items
+    ("2100", "(2,100)", "wrong"),
+    ("[1, 200]", "[1,200]", "correct"),
+    ("(1000, 2)", r"(1{,}000, 2)", "correct"),  # an explicit separator works in brackets too
+]
+
+
+def test_commas_in_numbers():
+    assert _reasons(COMMAS) == COMMAS
+
+
+ORDINALS = [
+    ("12", r"12^{\text{th}}", "correct"),  # the issue's example
+    ("12", "12th", "correct"),
+    ("12", "12^{th}", "correct"),
+    ("12", r"12^\text{th}", "correct"),
+    ("12", r"12\text{th}", "correct"),
+    ("12", r"12\textsuperscript{th}", "correct"),
+    ("1", "1st", "correct"),
+    ("2", "2nd", "correct"),
+    ("3", "3^{rd}", "correct"),
+    ("21", r"21^\text{st}", "correct"),
+    ("22", r"22^{\mathrm{nd}}", "correct"),
+    ("11", r"11^{\text{th}}", "correct"),
+    ("113", "113th", "correct"),
+    ("1000", r"1,000^{\text{th}}", "correct"),
+    (r"12^{\text{th}}", "12", "correct"),
+    (r"5^{\text{th}}", "5th", "correct"),
+    ("12", r"\text{12th}", "correct"),
+    ("12", r"13^{\text{th}}", "wrong"),
+    ("1", r"1000^{\text{th}}", "wrong"),
+]
+
+
+def test_ordinal_suffixes():
+    assert _reasons(ORDINALS) == ORDINALS
+
+
+@pytest.mark.parametrize("text, canonical", [
+    ("0,500", "0, 500"),
+    ("1,000", "1000"),
+    ("1,000,000.25", "1000000.25"),
+    ("12,34", "12, 34"),
+    ("(2,100)", "(2, 100)"),
+    (r"\left(1{,}000, 5\right)", r"\left(1000, 5\right)"),
+    (r"11,\! 111,\! 100", "11111100"),
+    ("x^2 300", "x^2 300"),  # a space after an exponent digit is no thousands separator
+    (r"12^{\text{th}}", "12"),
+    ("2^{th}", "2^{th}"),  # not 2's suffix: maybe a power
+    (r"\theta_2", r"\theta_2"),
+    ("1st, 2nd", "1, 2"),
+    ("a+2nd", "a+2nd"),  # letters may be variables: 2*n*d
+    (r"\text{12th}", r"\text{12}"),
+    (r"a+2^{\text{nd}}", "a+2"),
+])
+def test_canonical_form(text, canonical):
+    assert reward._canonical(text) == canonical
+
+
+def test_ground_truth_of_any_json_type():
+    assert score(r"\boxed{5}", 5) == RewardResult(1.0, "correct")
+    assert score(r"\boxed{25}", 25.0) == RewardResult(1.0, "correct")
+    assert score(r"\boxed{0.00001}", 1e-05) == RewardResult(1.0, "correct")
+    assert score(r"\boxed{\frac{1}{2}}", 0.5) == RewardResult(1.0, "correct")
+    assert score(r"\boxed{0.30}", 0.3) == RewardResult(1.0, "correct")  # a float is its shortest repr, "0.3"
+    assert score(r"\boxed{\infty}", float("inf")) == RewardResult(1.0, "correct")
+    assert score(r"\boxed{True}", True) == RewardResult(1.0, "correct")
+    assert score(r"\boxed{5}", False) == RewardResult(0.0, "wrong")
+    assert score(r"\boxed{5}", ["5"]) == RewardResult(1.0, "correct")  # raised AttributeError
+    assert score(r"\boxed{5}", ("4", 5)) == RewardResult(1.0, "correct")
+    assert score("no box", ["5", "6"]) == RewardResult(0.0, "no_answer")
+    for bad in (None, {"ground_truth": "5"}, [["5"]], ["5", None], b"5"):
+        with pytest.raises(TypeError, match="ground_truth"):
+            score(r"\boxed{5}", bad)
+    for bad in ("", "  ", [], float("nan")):
+        with pytest.raises(ValueError, match="ground_truth"):
+            score(r"\boxed{5}", bad)
+    with pytest.raises(TypeError, match=r"ground_truths\[1\]"):
+        score_batch([r"\boxed{5}"] * 2, ["5", None])
+    with pytest.raises(TypeError, match="response"):
+        score(None, "5")
+
+
+def test_list_ground_truth_accepts_any_answer():
+    table = [(["5", "6"], "5", "correct"), (["5", "6"], "6", "correct"), (["5", "6"], "7", "wrong"),
+             ([r"\frac{1}{2}", "x"], "0.5", "correct"), ([r"\frac{1}{2}", "x"], "y", "wrong"),
+             ([r"\text{Yes}", "1"], "yes", "correct")]
+    got = score_batch([f"\\boxed{{{p}}}" for _, p, _ in table], [g for g, _, _ in table], timeout_s=10.0)
+    assert [r.reason for r in got] == [want for _, _, want in table]
+    # One limit for the whole list; a compared answer beats a timed-out one.
+    t0 = time.monotonic()
+    assert score(r"\boxed{4}", ["9^{9^{9^9}}", "5"], timeout_s=LIMIT_S) == RewardResult(0.0, "wrong")
+    assert score(PATHOLOGICAL, ["1", "2"], timeout_s=LIMIT_S) == RewardResult(0.0, "timeout")
+    assert time.monotonic() - t0 <= 2 * (LIMIT_S + SLACK_S)
+
+
+def test_list_ground_truth_from_parquet_is_rewarded(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    from bupo.data import load_rows
+    path = tmp_path / "multi.parquet"
+    messages = [{"role": "user", "content": "Name a root of (x-5)(x-6)."}]
+    pq.write_table(pa.table({"prompt": [messages] * 3, "reward_model": [
+        {"ground_truth": ["5", "6"]}, {"ground_truth": ["7"]}, {"ground_truth": ["", None]}]}), path)
+    with pytest.warns(UserWarning, match="skipped 1 rows without a ground truth"):
+        rows, stats = load_rows(path)
+    assert [r.ground_truth for r in rows] == [["5", "6"], "7"]
+    got = score_batch([r"\boxed{6}", r"\boxed{7}"], [r.ground_truth for r in rows])
+    assert [r.reason for r in got] == ["correct", "correct"]
