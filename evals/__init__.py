@@ -1,5 +1,7 @@
-"""Evaluation and analysis entry points: `python -m evals.passk` (avg@n, unbiased pass@k) and
-`python -m evals.entropy_flow` (internal-policy entropy flow, paper Figs. 2-3; the core is bupo.analysis)."""
+"""Evaluation and analysis entry points: `python -m evals.passk` (avg@n, unbiased pass@k),
+`python -m evals.entropy_flow` (internal-policy entropy flow, paper Figs. 2-3; the core is bupo.analysis),
+`python -m evals.compare` (runs grouped by setting, means and t-intervals over seeds) and `python -m evals.lens`
+(the top tokens, entropy and rank of the final prediction under every internal policy pi^l)."""
 
 from pathlib import Path
 

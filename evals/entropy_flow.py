@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def _ids(row: dict, field: str, where: str, vocab_size: int) -> list[int]:
 def read_samples(path: str | Path, vocab_size: int) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, response_ids) pairs from a jsonl file; ValueError naming the line and field of a bad row."""
     out = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a non-UTF-8 line fails as "not valid JSON"
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -178,19 +177,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("num_prompts", "max_new_tokens", "max_prompt_length", "max_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if args.samples is not None and not Path(args.samples).is_file():  # checked before the model is loaded
+        what = "not a file" if Path(args.samples).exists() else "no such file"
+        raise ValueError(f"--samples {args.samples}: {what} (give a jsonl of prompt_ids / response_ids rows)")
+    if args.batch_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError(f"--batch-tokens={args.batch_tokens} and --temperature={args.temperature} must be >= 0 "
+                         f"and --top-p={args.top_p} in (0, 1]")
     return args
+
+
+def pick_device(name: str) -> str:
+    """--device: 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' of a device that exists."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name!r} is invalid; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device={name!r} is invalid; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device={name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return name
 
 
 def main(argv: list[str] | None = None) -> dict:
     import models
     from bupo.analysis import entropy_flow
+    from bupo.cli import check_out_dir
     from bupo.tokenizer import Tokenizer
 
     args = parse_args(argv)
+    device = pick_device(args.device)
     path = resolve_model(args.model)
+    check_out_dir(args.out, "--out")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = models.load_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
     model.eval()
     if args.samples:
@@ -223,7 +245,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    from bupo.cli import run_main
+
+    run_main(main)

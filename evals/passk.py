@@ -18,7 +18,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import time
 import warnings
 import zlib
@@ -51,23 +50,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def read_generations(path: Path) -> dict[tuple[str, int, int], dict]:
     """Rows keyed by (dataset, problem, sample). A last line without its newline (a crash mid-write) is cut off
     the file; any other unreadable line is a ValueError naming it."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        warnings.warn(f"{path}: dropping a truncated last line ({len(data) - end} bytes) left by an interrupted run")
-        with open(path, "r+b") as f:
-            f.truncate(end)
+    from bupo.metrics import jsonl_rows
+
     rows = {}
-    for i, line in enumerate(data[:end].decode().splitlines(), 1):
-        if not line.strip():
-            continue
+    for i, r in jsonl_rows(path, cut_partial=True):
         try:
-            r = json.loads(line)
             key = (str(r["dataset"]), int(r["problem"]), int(r["sample"]))
             float(r["score"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} line {i}: not a generation row ({type(e).__name__}: {e}); "
                              "fix or remove the line, or use a fresh --out") from None
         rows[key] = r
@@ -87,7 +77,12 @@ def check_settings(out: Path, settings: dict) -> None:
     """The first run records the sampling settings; a rerun into the same --out must use the same ones."""
     path = out / "passk_settings.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid JSON file ({e}); delete it or use a fresh --out") from None
+        if not isinstance(old, dict):
+            raise ValueError(f"{path}: expected a JSON object; delete it or use a fresh --out")
         diff = {k: (old.get(k), settings[k]) for k in SETTINGS if old.get(k) != settings[k]}
         if diff:
             raise ValueError(f"--out {out} holds generations made with other settings {diff} (old, new); "
@@ -100,8 +95,11 @@ def check_settings(out: Path, settings: dict) -> None:
 
 def load_problems(names: list[str], tok, args) -> dict[str, list]:
     from bupo.data import arithmetic_rows, load_rows, render_prompts
+    from bupo.tokenizer import compile_template
 
-    template = Path(args.chat_template).read_text() if args.chat_template else None
+    template = read_template(args.chat_template) if args.chat_template else None
+    if template is not None:
+        compile_template(template, f"--chat-template {args.chat_template}")
     out = {}
     for name in names:
         if name == "arithmetic":
@@ -116,6 +114,16 @@ def load_problems(names: list[str], tok, args) -> dict[str, list]:
         out[name] = prompts[: args.max_prompts] if args.max_prompts else prompts
         print(f"[data] {name}: {len(out[name])} problems", flush=True)
     return out
+
+
+def read_template(path: str) -> str:
+    """The text of a --chat-template file."""
+    if not Path(path).is_file():
+        raise ValueError(f"--chat-template {path}: no such file (give a file holding a Jinja chat template)")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--chat-template {path}: not UTF-8 text ({e})") from None
 
 
 def make_engine(kind: str, path: Path, tok, args):
@@ -312,11 +320,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     ks = parse_ks(args.k, args.n)
+    from bupo.cli import check_out_dir
     from bupo.reward import shutdown
     from bupo.tokenizer import Tokenizer
     from evals import resolve_model
 
     path = resolve_model(args.model)
+    check_out_dir(args.out, "--out")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": str(path), "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
@@ -354,7 +364,6 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    from bupo.cli import run_main
+
+    run_main(main)

@@ -1,6 +1,7 @@
 """bupo.analysis against an independent computation: forward hooks on the transformers implementation of the same
 tiny random model, naive fp64 entropies of softmax(x W^T) at the response-predicting positions."""
 
+import copy
 import math
 
 import pytest
@@ -194,3 +195,24 @@ def test_layer_diagnostics_vocab_size_and_empty_mask(pair, samples):
     assert real["num_tokens"] == ids.shape[1]
     with pytest.raises(ValueError, match="no positions"):
         layer_diagnostics(ours, ids, 0, mask=torch.zeros(ids.shape, dtype=torch.bool))
+
+
+def test_entropy_flow_on_a_sharded_model_leaves_it_trainable(pair, samples):
+    """bupo.internal_layer='auto' may run the entropy flow on the FSDP2 model: the next training forward and
+    backward (which unshard the layers again) must still work, and the flow equals the unsharded one."""
+    from bupo import parallel
+
+    ours = pair[0]
+    want = entropy_flow(ours, samples)
+    model = copy.deepcopy(ours)
+    info = parallel.init_distributed("cpu")
+    try:
+        parallel.apply_fsdp(model, info)
+        got = entropy_flow(model, samples)
+        for key in ("layer_out", "ffn_out", "delta_ffn"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+        ids = torch.tensor([samples[0][0] + samples[0][1]])
+        model(ids).sum().backward()  # unshards every layer again
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    finally:
+        parallel.destroy()

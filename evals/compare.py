@@ -1,0 +1,455 @@
+"""Compare training runs over seeds: per-step means with t-intervals, window means, group differences.
+
+    python -m evals.compare runs/bupo_s0 runs/bupo_s1 runs/bupo_s2 runs/grpo_s0 runs/grpo_s1 runs/grpo_s2 --out runs/cmp
+
+Each RUN_DIR is an out_dir of `python -m bupo.train` (metrics.jsonl + config.json). Runs are grouped by a label:
+by default the config settings that differ between the runs (e.g. `bupo.iterative_steps=30` vs `=0`), ignoring
+the seed, the out_dir and the bookkeeping fields in IGNORED_KEYS, which is what tells replicate runs apart;
+`--label bupo.iterative_steps,optim.lr` groups by the given keys instead.
+
+Statistics (every interval is a two-sided Student t-interval at --level, default 0.95, the runs being the samples):
+- per group and step: mean over the runs that reached the step, +- t_{(1+level)/2, n-1} s / sqrt(n);
+- per group and window of --window steps (1-5, 6-10, ...): the same over per-run window means; a run counts in a
+  window only if it logged every step of it (so a partial run never biases a window it did not finish);
+- difference of each group from the baseline (--baseline, default the first group): difference of the mean window
+  means, Welch t-interval (unequal variances, Welch-Satterthwaite degrees of freedom).
+With n = 1 run (or n = 1 on either side of a difference) no interval is reported (null), never a made-up one.
+Student t quantiles are computed here (numpy-free, no scipy): the t CDF through the regularized incomplete beta
+function (continued fraction), inverted by bisection; exact to ~1e-10, non-integer df included (Welch).
+
+Output: <out>/compare.json (everything above, per step and per window), <out>/compare.md (window tables, also
+printed) and <out>/compare.png (mean curves with shaded intervals; the end of BuPO's phase one is marked; note
+that the logged entropy is the optimized policy's: pi^k in phase one, the full policy after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS = ("reward_mean", "accuracy", "entropy", "response_len_mean")
+# Config fields that do not change what a run computes step by step; they may differ between replicates.
+IGNORED_KEYS = ("trainer.seed", "trainer.out_dir", "trainer.total_steps", "trainer.save_every",
+                "trainer.keep_checkpoints", "trainer.threads", "trainer.plot", "trainer.wandb", "trainer.tensorboard",
+                "trainer.export", "trainer.device")
+TITLES = {"reward_mean": "mean reward", "accuracy": "accuracy", "entropy": "entropy (optimized policy), nats",
+          "response_len_mean": "mean response length (tokens)"}
+
+
+# --- Student t quantiles ------------------------------------------------------------------------------------------
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of I_x(a, b) (modified Lentz), valid for x < (a + 1) / (a + b + 2)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return f
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    log_front = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    if x < (a + 1) / (a + b + 2):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df > 0 degrees of freedom (df need not be an integer)."""
+    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t (0.5 < p < 1), by bisection on t_cdf."""
+    assert 0.5 < p < 1 and df > 0
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+
+
+def t_interval(xs: list[float], level: float) -> dict:
+    """{n, mean, sd, lo, hi}: mean +- t_{(1+level)/2, n-1} sd / sqrt(n); lo = hi = None when n < 2."""
+    if not xs:
+        return {"n": 0, "mean": None, "sd": None, "lo": None, "hi": None}
+    m, sd = _mean_sd(xs)
+    if len(xs) < 2:
+        return {"n": 1, "mean": m, "sd": None, "lo": None, "hi": None}
+    half = t_quantile((1 + level) / 2, len(xs) - 1) * sd / math.sqrt(len(xs))
+    return {"n": len(xs), "mean": m, "sd": sd, "lo": m - half, "hi": m + half}
+
+
+def welch_interval(a: list[float], b: list[float], level: float) -> dict:
+    """Difference mean(b) - mean(a) with a Welch t-interval; lo = hi = df = None unless both sides have n >= 2."""
+    out = {"n_a": len(a), "n_b": len(b), "diff": None, "lo": None, "hi": None, "df": None}
+    if not a or not b:
+        return out
+    (ma, sa), (mb, sb) = _mean_sd(a), _mean_sd(b)
+    out["diff"] = mb - ma
+    if len(a) < 2 or len(b) < 2:
+        return out
+    va, vb = sa * sa / len(a), sb * sb / len(b)
+    if va + vb == 0:  # no spread on either side: the interval has zero width at any df
+        out.update(lo=mb - ma, hi=mb - ma)
+        return out
+    df = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
+    half = t_quantile((1 + level) / 2, df) * math.sqrt(va + vb)
+    out.update(lo=mb - ma - half, hi=mb - ma + half, df=df)
+    return out
+
+
+# --- runs ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    path: Path
+    config: dict  # flattened: "section.field" -> value
+    records: dict[int, dict]  # step -> metrics record
+    label: str = ""
+
+    @property
+    def seed(self):
+        return self.config.get("trainer.seed")
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.records)
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Step records of a metrics.jsonl (bupo.metrics.jsonl_rows: a partially written last line, left by a run that
+    is still writing or was killed, is dropped with a warning; another bad line is a ValueError naming it)."""
+    from bupo.metrics import jsonl_rows
+
+    out = []
+    for i, rec in jsonl_rows(path):
+        if isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), int):
+            raise ValueError(f"{path} line {i}: a record without an integer 'step'")
+        out.append(rec)
+    return out
+
+
+def _flatten(cfg: dict) -> dict:
+    flat = {}
+    for section, fields in cfg.items():
+        if isinstance(fields, dict):
+            flat.update({f"{section}.{k}": v for k, v in fields.items()})
+        else:
+            flat[section] = fields
+    return flat
+
+
+def load_run(path: str | Path) -> Run:
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"run folder {p} does not exist")
+    metrics, config = p / "metrics.jsonl", p / "config.json"
+    if not metrics.is_file():
+        raise ValueError(f"{p} has no metrics.jsonl (give out_dirs of python -m bupo.train)")
+    if not config.is_file():
+        raise ValueError(f"{p} has no config.json (give out_dirs of python -m bupo.train)")
+    records = read_metrics(metrics)
+    if not records:
+        raise ValueError(f"{metrics} holds no step records")
+    try:
+        cfg = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config}: expected the object of sections python -m bupo.train writes")
+    return Run(p, _flatten(cfg), {r["step"]: r for r in records})
+
+
+def _show(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def label_keys(runs: list[Run], keys: list[str] | None) -> list[str]:
+    """The given keys (checked), else the config keys whose values differ between runs, minus IGNORED_KEYS."""
+    if keys:
+        for k in keys:
+            missing = [str(r.path) for r in runs if k not in r.config]
+            if missing:
+                raise ValueError(f"--label {k}: not a setting in {missing[0]}/config.json "
+                                 "(settings look like bupo.iterative_steps, optim.lr)")
+        return keys
+    all_keys = sorted(set().union(*(r.config for r in runs)) - set(IGNORED_KEYS))
+    return [k for k in all_keys if len({_show(r.config.get(k)) for r in runs}) > 1]
+
+
+def group_runs(runs: list[Run], keys: list[str]) -> list[Group]:
+    """Groups in the order their first run was given; label 'k=v, k2=v2' (or 'all runs' with no keys)."""
+    groups: dict[str, Group] = {}
+    for r in runs:
+        r.label = ", ".join(f"{k}={_show(r.config.get(k))}" for k in keys) or "all runs"
+        groups.setdefault(r.label, Group(r.label)).runs.append(r)
+    for g in groups.values():
+        seeds = [r.seed for r in g.runs]
+        if len(set(map(_show, seeds))) < len(seeds):
+            warnings.warn(f"group {g.label!r} has runs with the same seed ({', '.join(map(_show, seeds))}): they "
+                          "are not independent replicates")
+    return list(groups.values())
+
+
+# --- statistics ---------------------------------------------------------------------------------------------------
+
+def _value(rec: dict | None, metric: str) -> float | None:
+    v = None if rec is None else rec.get(metric)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def window_means(run: Run, metric: str, steps: list[int]) -> float | None:
+    """Mean of the metric over `steps`; None unless the run logged every one of them (finite values only)."""
+    if any(s not in run.records for s in steps):
+        return None
+    vals = [v for s in steps if (v := _value(run.records[s], metric)) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def windows(last_step: int, width: int, common: int) -> list[tuple[str, list[int]]]:
+    """(name, steps) of 1-w, w+1-2w, ..., up to last_step (the last may be shorter), then 'all 1-common' (the
+    steps every run reached) unless that is already one of the windows."""
+    out = [(f"{a}-{min(a + width - 1, last_step)}", list(range(a, min(a + width - 1, last_step) + 1)))
+           for a in range(1, last_step + 1, width)]
+    if common >= 1 and list(range(1, common + 1)) not in [ws for _, ws in out]:
+        out.append((f"all 1-{common}", list(range(1, common + 1))))
+    return out
+
+
+def group_stats(g: Group, metrics: list[str], wins: list, level: float) -> dict:
+    steps = sorted(set().union(*(r.records for r in g.runs)))
+    per_step = {m: [{"step": s, **t_interval([v for r in g.runs if (v := _value(r.records.get(s), m)) is not None],
+                                             level)} for s in steps] for m in metrics}
+    per_window = {m: [{"steps": name, "run_means": [window_means(r, m, ws) for r in g.runs],
+                       **t_interval([v for r in g.runs if (v := window_means(r, m, ws)) is not None], level)}
+                      for name, ws in wins] for m in metrics}
+    phase_one = sorted({s for r in g.runs for s, rec in r.records.items() if rec.get("phase") == "internal"})
+    return {"runs": [str(r.path) for r in g.runs], "seeds": [r.seed for r in g.runs],
+            "steps_per_run": [len(r.records) for r in g.runs], "phase_one_steps": phase_one,
+            "per_step": per_step, "windows": per_window}
+
+
+def differences(stats: dict, base: str, metrics: list[str], wins: list, level: float) -> list[dict]:
+    out = []
+    for label, st in stats.items():
+        if label == base:
+            continue
+        for m in metrics:
+            for wa, wb in zip(stats[base]["windows"][m], st["windows"][m]):
+                a = [v for v in wa["run_means"] if v is not None]
+                b = [v for v in wb["run_means"] if v is not None]
+                out.append({"group": label, "baseline": base, "metric": m, "steps": wa["steps"],
+                            **welch_interval(a, b, level)})
+    return out
+
+
+def partial_notes(runs: list[Run], groups: list[Group]) -> list[str]:
+    lengths = {len(r.records) for r in runs}
+    if len(lengths) == 1:
+        return []
+    notes = ["runs have different step counts: " + "; ".join(
+        f"{g.label}: " + ", ".join(f"{r.path.name} {r.steps[-1] if r.steps else 0}" for r in g.runs)
+        for g in groups) + " (last step logged). Per-step statistics use the runs that reached each step (n is "
+        "given); a run counts in a window only if it logged all of the window's steps."]
+    for r in runs:
+        gaps = sorted(set(range(1, r.steps[-1] + 1)) - set(r.records))
+        if gaps:
+            notes.append(f"{r.path}: steps {gaps[:8]}{'...' if len(gaps) > 8 else ''} are missing")
+    return notes
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+
+def _fmt(x: float | None, metric: str, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    digits = 1 if metric == "response_len_mean" else 3
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _cell(st: dict, metric: str, signed: bool = False) -> str:
+    key = "diff" if signed else "mean"
+    s = _fmt(st[key], metric, signed)
+    if st[key] is not None and st["lo"] is not None:
+        s += f" [{_fmt(st['lo'], metric, signed)}, {_fmt(st['hi'], metric, signed)}]"
+    elif st[key] is not None:
+        s += " (no interval: n=1)" if signed else ""
+    return s + ("" if signed else f" (n={st['n']})")
+
+
+def markdown(result: dict) -> str:
+    labels, base, lvl = list(result["groups"]), result["baseline"], round(100 * result["level"])
+    out = [f"# Run comparison: {len(result['runs'])} runs in {len(labels)} groups", "",
+           f"Cells: mean over runs [{lvl}% Student t-interval] (n runs); differences: "
+           f"group - `{base}` [{lvl}% Welch t-interval on per-run window means]. Windows of {result['window']} steps.",
+           ""]
+    for lab, st in result["groups"].items():
+        p1 = st["phase_one_steps"]
+        phase = f", phase one steps {p1[0]}-{p1[-1]}" if p1 else ""
+        out.append(f"- `{lab}`: {len(st['runs'])} runs (seeds {', '.join(map(_show, st['seeds']))}){phase}")
+    out += [f"- note: {n}" for n in result["notes"]]
+    diffs = {(d["group"], d["metric"], d["steps"]): d for d in result["differences"]}
+    for m in result["metrics"]:
+        others = [lab for lab in labels if lab != base]
+        head = ["steps", *[f"`{lab}`" for lab in labels], *[f"`{lab}` - `{base}`" for lab in others]]
+        out += ["", f"## {m}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for i, w in enumerate(result["groups"][base]["windows"][m]):
+            cells = [w["steps"], *[_cell(result["groups"][lab]["windows"][m][i], m) for lab in labels],
+                     *[_cell(diffs[(lab, m, w["steps"])], m, signed=True) for lab in others]]
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    metrics = result["metrics"]
+    ncols = min(2, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.4 * nrows), dpi=100, squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        for i, (lab, st) in enumerate(result["groups"].items()):
+            color = f"C{i}"
+            rows = [r for r in st["per_step"][m] if r["mean"] is not None]
+            steps = [r["step"] for r in rows]
+            ax.plot(steps, [r["mean"] for r in rows], color=color, lw=1.4, label=f"{lab} (n={len(st['runs'])})")
+            band = [r for r in rows if r["lo"] is not None]
+            if band:
+                ax.fill_between([r["step"] for r in band], [r["lo"] for r in band], [r["hi"] for r in band],
+                                color=color, alpha=0.2, lw=0)
+            if st["phase_one_steps"]:
+                end = st["phase_one_steps"][-1]
+                ax.axvline(end + 0.5, color=color, ls="--", lw=0.9, label=f"{lab}: phase one ends after step {end}")
+        ax.set_title(TITLES.get(m, m), fontsize=10)
+        ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="best")
+    lvl = round(100 * result["level"])
+    fig.suptitle(f"mean over seeds, shaded: {lvl}% t-interval; dashed: end of phase one (pi^k)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --- main ---------------------------------------------------------------------------------------------------------
+
+def compare(run_dirs: list[str], *, label: list[str] | None = None, baseline: str | None = None, window: int = 5,
+            metrics: tuple[str, ...] | list[str] = METRICS, level: float = 0.95) -> dict:
+    """The whole comparison as a JSON-ready dict (see the module docstring)."""
+    runs = [load_run(d) for d in run_dirs]
+    if len({r.path.resolve() for r in runs}) < len(runs):
+        raise ValueError("a run folder is given twice")
+    metrics = list(metrics)
+    for m in metrics:
+        if not any(m in rec for r in runs for rec in r.records.values()):
+            first = runs[0].records[runs[0].steps[0]]
+            raise ValueError(f"--metrics {m}: no record of any run has it; keys: {', '.join(sorted(first))}")
+    keys = label_keys(runs, label)
+    groups = group_runs(runs, keys)
+    labels = [g.label for g in groups]
+    base = labels[0] if baseline is None else baseline
+    if base not in labels:
+        raise ValueError(f"--baseline {base!r} is not a group; groups: {', '.join(map(repr, labels))}")
+    last = max(r.steps[-1] for r in runs)
+    common = min(r.steps[-1] for r in runs)
+    wins = windows(last, window, common)
+    stats = {g.label: group_stats(g, metrics, wins, level) for g in groups}
+    notes = partial_notes(runs, groups)
+    for n in notes:
+        warnings.warn(n)
+    return {"runs": [{"dir": str(r.path), "label": r.label, "seed": r.seed, "num_steps": len(r.records),
+                      "last_step": r.steps[-1]} for r in runs],
+            "label_keys": keys, "baseline": base, "window": window, "level": level, "metrics": metrics,
+            "interval": {"per_step_and_window": "Student t-interval over runs: mean +- t_{(1+level)/2, n-1} sd/sqrt(n);"
+                                                " null for n=1",
+                         "difference": "Welch t-interval on per-run window means (Welch-Satterthwaite df); null "
+                                       "unless both groups have n>=2"},
+            "notes": notes, "groups": stats, "differences": differences(stats, base, metrics, wins, level)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m evals.compare", description=__doc__.split("\n\n")[0],
+                                epilog="Intervals: see the module docstring (Student t over seeds; Welch for "
+                                       "differences; none for n=1).")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="out_dir of python -m bupo.train")
+    p.add_argument("--out", required=True, help="folder for compare.json, compare.md, compare.png")
+    p.add_argument("--label", default="", help="comma-separated config keys to group by (e.g. bupo.iterative_steps); "
+                                               "default: the settings that differ between runs, except the seed, "
+                                               "out_dir and bookkeeping fields")
+    p.add_argument("--baseline", help="group label the others are compared with (default: the first group)")
+    p.add_argument("--window", type=int, default=5, help="steps per window mean")
+    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics.jsonl keys")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    args = p.parse_args(argv)
+    if args.window < 1:
+        raise ValueError(f"--window={args.window}: must be >= 1")
+    if not 0 < args.level < 1:
+        raise ValueError(f"--level={args.level}: must be in (0, 1)")
+    args.metrics = [m for m in args.metrics.split(",") if m]
+    if not args.metrics:
+        raise ValueError("--metrics is empty")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from bupo.cli import check_out_dir
+
+    args = parse_args(argv)
+    check_out_dir(args.out, "--out")
+    result = compare(args.runs, label=[k for k in args.label.split(",") if k] or None, baseline=args.baseline,
+                     window=args.window, metrics=args.metrics, level=args.level)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    (out / "compare.md").write_text(md)
+    plot(result, out / "compare.png")
+    print(md, flush=True)
+    print(f"wrote {out / 'compare.json'}, compare.md, compare.png", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    from bupo.cli import run_main
+
+    run_main(main)
