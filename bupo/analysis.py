@@ -82,7 +82,9 @@ def _auto_batch_tokens(model) -> int:
     return max(256, CAPTURE_BYTES // per_token)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: the trainer may call this on its FSDP2 model (bupo.internal_layer = "auto"), and a layer
+# first gathered under inference_mode keeps an inference tensor as its unsharded weight, which breaks the next unshard
+@torch.no_grad()
 def entropy_flow(model, samples: Sequence[tuple[Sequence[int], Sequence[int]]], *, norm: bool = False,
                  temperature: float = 1.0, batch_tokens: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> dict:
@@ -100,19 +102,20 @@ def entropy_flow(model, samples: Sequence[tuple[Sequence[int], Sequence[int]]], 
     (see `boundary_layer`; None when no layer has a positive mean FFN change) and indexing.
     """
     L = model.config.num_hidden_layers
-    E = model.unembedding
-    _validate(samples, E.shape[0])
+    _validate(samples, model.config.vocab_size)
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}; must be > 0")
     batch_tokens = batch_tokens or _auto_batch_tokens(model)
     groups = _micro_batches(samples, batch_tokens)
     if not groups:
         raise ValueError("entropy_flow: no response tokens in the samples (every response_ids is empty)")
-    sums = torch.zeros(len(STATES), L, dtype=torch.float64, device=E.device)  # [6, L]
+    device = model.model.embed_tokens.weight.device
+    sums = torch.zeros(len(STATES), L, dtype=torch.float64, device=device)  # [6, L]
     count, done = 0, 0
     for group in groups:
-        input_ids, cu, pos = _pack(samples, group, E.device)
+        input_ids, cu, pos = _pack(samples, group, device)
         caps = model.capture(input_ids, cu_seqlens=cu)  # L dicts of [1, total, H]
+        E = model.unembedding  # [V, H], read after the forward: under FSDP2 the root is gathered only then
         # layer_in of layer l > 0 is layer_out of l - 1: only the embedding (layer_in of layer 0) is extra.
         xs = [caps[0]["layer_in"][0, pos]] + [caps[l][s][0, pos] for s in STATES[1:] for l in range(L)]
         del caps

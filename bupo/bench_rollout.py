@@ -13,6 +13,7 @@ The last stdout line is one JSON object.
 
 import argparse
 import csv
+import importlib.util
 import json
 import platform
 import statistics
@@ -48,9 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip-hf", action="store_true", help="time the built-in engine only")
     ap.add_argument("--csv", type=Path, default=None, help="append one result row to this CSV file")
     args = ap.parse_args(argv)
-    for flag in ("prompts", "n", "max_new_tokens", "repeats"):
+    for flag in ("prompts", "n", "max_new_tokens", "repeats", "max_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise ValueError(f"--warmup={args.warmup} must be >= 0 and --threads={args.threads} >= 1")
+    if args.csv is not None and (args.csv.is_dir() or not args.csv.parent.is_dir()):
+        raise ValueError(f"--csv {args.csv}: give a file in an existing folder (rows are appended to it)")
+    if not args.skip_hf and importlib.util.find_spec("transformers") is None:
+        raise ValueError("transformers is not installed (pip install transformers, or bupo[test]); "
+                         "--skip-hf times the built-in engine only")
     return args
 
 
@@ -158,4 +166,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from bupo.cli import run_main
+
+    run_main(main)

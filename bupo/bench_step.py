@@ -4,7 +4,9 @@ Times the trainer's own update (`update_policy`: packed forward, fused log-prob/
 the same FSDP2 setup as training, once with the internal policy of layer k (BuPO phase one: layers 0..k only) and
 once with the full policy, side by side in one run, and prints the ratio. The default model is a random
 24-layer Llama-style config whose head is about 5% of the forward FLOPs; the issue's CPU target is a ratio <= 0.30
-at k = 3. Last stdout line: one JSON object.
+at k = 3. `--shape qwen3-0.6b` uses Qwen3-0.6B's config instead (random weights; 28 layers, tied head, V=151936):
+    python -m bupo.bench_step --shape qwen3-0.6b --k 5 --device cuda --seqs 16 --prompt-len 256 --resp-len 768
+Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ import models
 from bupo import checkpoint, parallel
 from bupo.update import Seq, phase_one_names, update_policy
 
+# Real configs (random weights): what --shape picks instead of --layers/--hidden/--vocab.
+SHAPES = {"qwen3-0.6b": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+                         "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                         "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+                         "tie_word_embeddings": True}}
+CUSTOM_DEFAULTS = {"layers": 24, "hidden": 512, "vocab": 8192}
+
 
 def tiny_config(layers: int, hidden: int, vocab: int) -> dict:
     return {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 3 * hidden,
@@ -31,7 +40,7 @@ def tiny_config(layers: int, hidden: int, vocab: int) -> dict:
 def flops_per_token(cfg: dict) -> tuple[float, float]:
     """(decoder layers, head) forward FLOPs per token (2 x multiply-adds of the matmuls)."""
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    d = h // cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     attn = h * d * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])
     return 2.0 * cfg["num_hidden_layers"] * (attn + 3 * h * i), 2.0 * h * cfg["vocab_size"]
 
@@ -55,11 +64,28 @@ def time_step(model, opt, seqs, info, layer, k, repeats: int, token_budget: int)
     return times[1:]
 
 
+def model_config(args: argparse.Namespace) -> dict:
+    """The HF config to build; fills args.layers/hidden/vocab (a --shape preset fixes them: giving one is an error)."""
+    if args.shape == "custom":
+        for name, default in CUSTOM_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        return tiny_config(args.layers, args.hidden, args.vocab)
+    given = [f"--{name}" for name in CUSTOM_DEFAULTS if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: --shape {args.shape} fixes the model; use --shape custom to set them")
+    cfg = SHAPES[args.shape]
+    args.layers, args.hidden, args.vocab = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    return dict(cfg)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bupo.bench_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=8192, help="with the defaults the head is ~5%% of forward FLOPs")
+    p.add_argument("--shape", choices=["custom", *SHAPES], default="custom",
+                   help="custom: a random Llama-style model of --layers/--hidden/--vocab; else that model's config")
+    p.add_argument("--layers", type=int, help="--shape custom (default 24)")
+    p.add_argument("--hidden", type=int, help="--shape custom (default 512)")
+    p.add_argument("--vocab", type=int, help="--shape custom (default 8192: the head is ~5%% of forward FLOPs)")
     p.add_argument("--k", type=int, default=3, help="internal layer (0-based)")
     p.add_argument("--seqs", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -68,10 +94,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on CUDA")
     args = p.parse_args(argv)
+    cfg = model_config(args)
+    for name in ("layers", "hidden", "vocab", "seqs", "prompt_len", "resp_len", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     if not 0 <= args.k < args.layers:
-        raise SystemExit(f"error: --k={args.k} must be in 0..{args.layers - 1}")
+        raise ValueError(f"--k={args.k} must be in 0..{args.layers - 1} (--layers={args.layers})")
+    heads = max(args.hidden // 64, 1)
+    if args.shape == "custom" and (args.hidden % heads or args.hidden // heads % 2):
+        raise ValueError(f"--hidden={args.hidden}: the model has {heads} heads, so it must be a multiple of "
+                         f"{2 * heads} (an even head size)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda but no CUDA device is available; use cpu or auto")
     info = parallel.init_distributed(args.device)
-    cfg = tiny_config(args.layers, args.hidden, args.vocab)
     body, head = flops_per_token(cfg)
     compute = getattr(torch, args.dtype) if info.device.type == "cuda" else torch.float32
     seqs = make_batch(args.seqs, args.prompt_len, args.resp_len, args.vocab)
@@ -88,8 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = med["phase_one"] / med["full"]
     ideal = ((args.k + 1) / args.layers * body + head) / (body + head)
     if info.is_main:
-        print(f"model: {args.layers} layers, H={args.hidden}, V={args.vocab}; head = {head / (body + head):.1%} of "
-              f"forward FLOPs; batch {args.seqs} x ({args.prompt_len} + {args.resp_len}) tokens; {info.device}")
+        print(f"model: {args.shape}, {args.layers} layers, H={args.hidden}, V={args.vocab}; "
+              f"head = {head / (body + head):.1%} of forward FLOPs; "
+              f"batch {args.seqs} x ({args.prompt_len} + {args.resp_len}) tokens; {info.device}")
         print("| step | median s | min s | max s |\n|---|---|---|---|")
         for k, v in results.items():
             print(f"| {k} (layer {'k=' + str(args.k) if k == 'phase_one' else 'all'}) | {med[k]:.3f} | "
@@ -97,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"phase-one / full step time: {ratio:.3f} (FLOP ratio {ideal:.3f}; target <= 0.30 at k=3)")
     out = {"ratio": ratio, "flop_ratio": ideal, "phase_one_s": med["phase_one"], "full_s": med["full"],
            "layers": args.layers, "k": args.k, "hidden": args.hidden, "vocab": args.vocab,
-           "device": str(info.device), "torch": torch.__version__}
+           "device": str(info.device), "torch": torch.__version__, "shape": args.shape,
+           "dtype": str(compute).removeprefix("torch."), "tokens": args.seqs * (args.prompt_len + args.resp_len)}
     if info.is_main:
         print(json.dumps(out))
     parallel.destroy()
@@ -105,4 +142,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from bupo.cli import run_main
+
+    run_main(main)

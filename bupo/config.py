@@ -16,19 +16,22 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bupo.cli import check_out_dir
+
 
 @dataclass
 class ModelConfig:
     path: str = "smollm2"  # HF folder (config.json + safetensors), or "smollm2": the packaged SmolLM2-135M-Instruct
     dtype: str = "bfloat16"  # compute dtype on CUDA (master weights stay fp32); CPU always computes in float32
-    activation_checkpointing: bool = False  # recompute each decoder layer in backward
-    compile: bool = False  # torch.compile each decoder layer (CUDA only)
+    activation_checkpointing: bool = False  # keep only each decoder layer's input, recompute it in backward
+    compile: bool = False  # torch.compile the norms and MLPs (inductor), dynamic in the packed length; attention eager
     liger: str = "auto"  # liger-kernel fused RMSNorm/RoPE/SwiGLU: auto (CUDA + installed), on (required), off
 
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=lambda: ["deepmath-5k"])  # dataset names, parquet paths or "arithmetic"
+    # dataset names, parquet paths or "arithmetic"
+    train_files: list[str] = field(default_factory=lambda: ["deepmath-5k"])
     val_files: list[str] = field(default_factory=lambda: ["amc2023", "math500", "aime_2024", "aime_2025"])
     batch_size: int = 128  # prompts per step (global, over all ranks)
     max_prompt_length: int = 1024  # prompt tokens; longer prompts are truncated or dropped
@@ -88,6 +91,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0  # linear warm-up, then constant
     grad_clip: float = 1.0  # max global grad norm (0: off)
+    max_nonfinite_steps: int = 3  # stop after this many steps in a row with a skipped non-finite update (0: never)
 
 
 @dataclass
@@ -101,7 +105,7 @@ class TrainerConfig:
     val_n: int = 4  # samples per validation prompt (avg@val_n)
     val_max_new_tokens: int = 0  # 0: rollout.max_new_tokens
     diag_every: int = 0  # paper Fig. 5 diagnostics period in steps: cos(h_k, h_l), KL(pi^k || pi^l) per layer (0: off)
-    diag_seqs: int = 4  # rollouts per rank (this step's first ones) the diagnostics average over
+    diag_seqs: int = 4  # rollouts the diagnostics average over: the step's first ones in the global batch
     device: str = "auto"  # "auto", "cpu" or "cuda"
     threads: int = 0  # torch CPU threads per process (0: torch's default)
     plot: bool = True  # write reward/entropy curves to out_dir/curves.png at the end
@@ -141,6 +145,10 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 def _validate(c: Config, num_layers: int | None) -> None:
     _choice("model.dtype", c.model.dtype, ("bfloat16", "float16", "float32"))
     _choice("model.liger", c.model.liger, ("auto", "on", "off"))
+    if c.model.compile and c.model.liger == "on":
+        raise ValueError("model.compile=true with model.liger='on': liger-kernel already fuses every module compile "
+                         "would compile (the norms and the MLP's SwiGLU); set model.liger='off' to compile them "
+                         "or model.compile=false")
     _choice("data.truncation", c.data.truncation, ("left", "drop"))
     _choice("rollout.engine", c.rollout.engine, ("auto", "builtin", "vllm"))
     _choice("algo.adv_estimator", c.algo.adv_estimator, ("grpo", "rloo", "reinforce_pp"))
@@ -151,7 +159,8 @@ def _validate(c: Config, num_layers: int | None) -> None:
         _positive(name, getattr(getattr(c, section), key))
     for name in ("algo.clip_low", "algo.clip_high", "algo.dual_clip", "algo.kl_coef", "optim.lr",
                  "optim.weight_decay", "optim.grad_clip", "trainer.save_every", "trainer.val_every",
-                 "trainer.diag_every", "bupo.iterative_steps", "rollout.tis_cap", "rollout.top_p"):
+                 "trainer.diag_every", "bupo.iterative_steps", "rollout.tis_cap", "rollout.top_p",
+                 "optim.max_nonfinite_steps"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(c, section), key), allow_zero=True)
     if c.algo.clip_low >= 1:
@@ -168,6 +177,9 @@ def _validate(c: Config, num_layers: int | None) -> None:
     if c.data.batch_size % c.algo.ppo_mini_batch_size:
         raise ValueError(f"data.batch_size={c.data.batch_size} must be a multiple of "
                          f"algo.ppo_mini_batch_size={c.algo.ppo_mini_batch_size}")
+    if c.trainer.keep_checkpoints < 1:
+        raise ValueError(f"trainer.keep_checkpoints={c.trainer.keep_checkpoints} is invalid; it must be >= 1 (the "
+                         "newest checkpoint is what a rerun resumes from; trainer.save_every=0 writes none)")
     if c.bupo.iterative_steps > c.trainer.total_steps:
         raise ValueError(f"bupo.iterative_steps={c.bupo.iterative_steps} is invalid; it must be <= "
                          f"trainer.total_steps={c.trainer.total_steps} (0 = plain GRPO)")
@@ -185,10 +197,39 @@ def _validate(c: Config, num_layers: int | None) -> None:
 
 # --- parsing ----------------------------------------------------------------------------------------------------
 
-def _parse_value(name: str, text: str, typ) -> object:
-    """Parse an override string into the field's type (bool, int, float, str, list[str], int | str)."""
+_UNION = (typing.Union, types.UnionType)
+
+
+def _parse_list(where: str, text: str) -> list[str]:
+    """Names from text: 'a', 'a,b', '[a,b]', '[a]', '["a", "b"]', "['a']" or '[]' (no element)."""
+    text = text.strip()
+    if text.startswith("[") != text.endswith("]"):
+        raise ValueError(f"{where}: unbalanced brackets; write a list as a,b or [a,b] or [\"a\", \"b\"]")
+    items = text.split(",")
+    if text.startswith("["):
+        try:
+            items = json.loads(text)  # a list: the text starts with [ and ends with ]
+        except json.JSONDecodeError:
+            items = text[1:-1].split(",")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{where}: the element {item!r} is not a name or path; write a list as a,b or [a,b]")
+        item = item.strip()
+        if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+            item = item[1:-1].strip()
+        if item[:1] in ("[", "'", '"') or item[-1:] in ("]", "'", '"'):
+            raise ValueError(f"{where}: cannot read the element {item!r}; write a list as a,b or [a,b]")
+        if item:
+            out.append(item)
+    return out
+
+
+def _parse_value(where: str, text: str, typ) -> object:
+    """Parse an override string into the field's type (bool, int, float, str, list[str], int | str); `where`
+    starts the error message (the flag and its value)."""
     origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):  # int | str: an int if it parses as one
+    if origin in _UNION:  # int | str: an int if it parses as one
         try:
             return int(text)
         except ValueError:
@@ -199,36 +240,63 @@ def _parse_value(name: str, text: str, typ) -> object:
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--{name}={text!r}: expected a boolean (true/false)")
+        raise ValueError(f"{where}: expected a boolean (true/false)")
     if origin is list:
-        text = text.strip()
-        if text.startswith("["):
-            return [str(x) for x in json.loads(text)]
-        return [s.strip() for s in text.split(",") if s.strip()]
+        return _parse_list(where, text)
     try:
         return typ(text)
     except ValueError:
-        raise ValueError(f"--{name}={text!r}: expected {typ.__name__}") from None
+        raise ValueError(f"{where}: expected {typ.__name__}") from None
 
 
-def _set(cfg: Config, name: str, value: object, from_text: bool) -> None:
+def _from_file(where: str, value: object, typ) -> object:
+    """A TOML value checked against the field's type; a string for a list or int | str field reads as an override
+    does (train_files = "arithmetic" is one name, not a list of letters)."""
+    origin = typing.get_origin(typ)
+    if isinstance(value, str) and (origin is list or origin in _UNION):
+        return _parse_value(where, value, typ)
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: expected a list of strings (or one string)")
+        return value
+    if origin in _UNION:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an int or a string")
+        return value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {typ.__name__}")
+    return value
+
+
+def _set(cfg: Config, name: str, value: object, from_text: bool, source: str = "the config file") -> None:
     parts = name.split(".")
     sections = {f.name: f for f in dataclasses.fields(Config)}
+    where = "" if from_text else f" in {source}"
     if len(parts) != 2 or parts[0] not in sections:
-        raise ValueError(f"unknown config key {name!r}; keys are <section>.<field> with sections "
+        raise ValueError(f"unknown config key {name!r}{where}; keys are <section>.<field> with sections "
                          f"{', '.join(sections)}")
     section = getattr(cfg, parts[0])
     hints = typing.get_type_hints(type(section))
     if parts[1] not in hints:
-        raise ValueError(f"unknown config key {name!r}; fields of [{parts[0]}]: {', '.join(hints)}")
+        raise ValueError(f"unknown config key {name!r}{where}; fields of [{parts[0]}]: {', '.join(hints)}")
     typ = hints[parts[1]]
     if from_text:
-        value = _parse_value(name, str(value), typ)
-    elif typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    elif typ in (int, float, str, bool) and not isinstance(value, typ):
-        raise ValueError(f"{name}={value!r} in the config file: expected {typ.__name__}")
+        value = _parse_value(f"--{name}={str(value)!r}", str(value), typ)
+    else:
+        value = _from_file(f"{name}={value!r} in {source}", value, typ)
     setattr(section, parts[1], value)
+
+
+def _read_toml(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: not a valid TOML file ({e})") from None
 
 
 def load_config(argv: list[str] | None = None) -> Config:
@@ -240,14 +308,11 @@ def load_config(argv: list[str] | None = None) -> Config:
     args, rest = p.parse_known_args(argv)
     cfg = Config()
     if args.config is not None:
-        if not args.config.is_file():
-            raise ValueError(f"--config {args.config}: no such file")
-        with open(args.config, "rb") as f:
-            for section, values in tomllib.load(f).items():
-                if not isinstance(values, dict):
-                    raise ValueError(f"{args.config}: top-level key {section!r} must be a [section] table")
-                for key, value in values.items():
-                    _set(cfg, f"{section}.{key}", value, from_text=False)
+        for section, values in _read_toml(args.config).items():
+            if not isinstance(values, dict):
+                raise ValueError(f"{args.config}: top-level key {section!r} must be a [section] table")
+            for key, value in values.items():
+                _set(cfg, f"{section}.{key}", value, from_text=False, source=str(args.config))
     i = 0
     while i < len(rest):
         arg = rest[i]
@@ -263,4 +328,9 @@ def load_config(argv: list[str] | None = None) -> Config:
         _set(cfg, key, value, from_text=True)
         i += 1
     cfg.validate()
+    check_out_dir(cfg.trainer.out_dir, "trainer.out_dir")  # before a model is loaded, not when it is written
+    if cfg.data.chat_template:  # a template that does not compile fails here, before a model is loaded
+        from bupo.tokenizer import compile_template
+
+        compile_template(cfg.data.chat_template, "data.chat_template")
     return cfg

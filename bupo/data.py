@@ -2,7 +2,9 @@
 
 Row format (verl): `prompt` = list of chat messages, `reward_model.ground_truth`, `data_source`, optional
 `extra_info`. Nested fields stored as strings (JSON or Python literals) are parsed with json, then
-`ast.literal_eval`; never `eval`.
+`ast.literal_eval`; never `eval`. A `prompt` string that does not start like a serialized message list or message
+(`[{"`, `[{'`, `[]`, `{"`, `{'`) is the user's question itself ("[AMC 2023] What is 2+2?" included).
+Errors in a file are ValueErrors naming the file, and for a bad value the row and column.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import ast
 import json
 import math
 import random
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
-import pyarrow.parquet as pq
 
 from bupo.tokenizer import Tokenizer
 
@@ -37,7 +40,7 @@ BOXED_SYSTEM_PROMPT = "Please reason step by step, and put your final answer wit
 @dataclass
 class Row:
     prompt: list[dict]  # chat messages [{"role": ..., "content": ...}, ...]
-    ground_truth: str
+    ground_truth: str | list[str]  # a list holds several acceptable answers
     data_source: str
     extra_info: dict = field(default_factory=dict)
     index: int = 0  # row number in the source file (or generator)
@@ -52,8 +55,13 @@ class Prompt:
 # --- parquet
 
 
-def _literal(value: Any, what: str) -> Any:
-    """A nested field as stored: a struct/list, or a string holding a JSON or Python literal."""
+# How a string holding a serialized message list or message starts; any other prompt string is plain text.
+_SERIALIZED_CHAT = re.compile(r"""\s*(\[\s*(\]|\{\s*["'])|\{\s*["'])""")
+
+
+def _literal(value: Any, what: str, strict: bool = True) -> Any:
+    """A nested field as stored: a struct/list, or a string holding a JSON or Python literal (an unparseable string
+    is an error, or with strict=False kept as it is)."""
     if not isinstance(value, str):
         return value
     try:
@@ -62,12 +70,14 @@ def _literal(value: Any, what: str) -> Any:
         pass
     try:
         return ast.literal_eval(value)
-    except (ValueError, SyntaxError) as e:
+    except (ValueError, SyntaxError, TypeError, RecursionError) as e:
+        if not strict:
+            return value
         raise ValueError(f"{what}: cannot parse {value[:80]!r} as a JSON or Python literal") from e
 
 
 def _parse_prompt(value: Any, what: str) -> list[dict]:
-    if isinstance(value, str) and not value.lstrip().startswith(("[", "{")):
+    if isinstance(value, str) and not _SERIALIZED_CHAT.match(value):
         # A plain question string (some files store the user turn only).
         return [{"role": "user", "content": value}] if value.strip() else []
     value = _literal(value, what)
@@ -75,6 +85,9 @@ def _parse_prompt(value: Any, what: str) -> list[dict]:
         return []
     if isinstance(value, dict):
         value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{what}: expected a list of chat messages or a question string, got "
+                         f"{type(value).__name__} {value!r:.80}")
     messages = []
     for m in value:
         if not isinstance(m, dict) or "role" not in m:
@@ -83,14 +96,28 @@ def _parse_prompt(value: Any, what: str) -> list[dict]:
     return messages
 
 
-def _ground_truth(value: Any) -> str | None:
-    """String form of a ground truth; integral numbers lose their '.0' ('25.0' -> '25'); strings are kept as is."""
-    if isinstance(value, (list, tuple)) and len(value) == 1:
-        value = value[0]
+def _ground_truth(value: Any) -> str | list[str] | None:
+    """String form of a ground truth; integral numbers lose their '.0' ('25.0' -> '25'); strings are kept as is.
+
+    A list of several acceptable answers stays a list of such strings (bupo.reward accepts any of them); its missing
+    or empty items are dropped, and a list left with one answer becomes that answer, with none None (row skipped).
+    """
+    if isinstance(value, (list, tuple, np.ndarray)):
+        answers = [a for a in map(_one_ground_truth, value) if a is not None]
+        return answers[0] if len(answers) == 1 else answers or None
+    return _one_ground_truth(value)
+
+
+def _one_ground_truth(value: Any) -> str | None:
     if value is None or isinstance(value, bool):
         return None if value is None else str(value)
-    if isinstance(value, (float, np.floating)):
-        return str(int(value)) if math.isfinite(value) and float(value).is_integer() else repr(float(value))
+    if isinstance(value, (float, np.floating)):  # plain positional digits: repr's '1e-05' would read as e - 5
+        x = float(value)
+        if math.isnan(x):
+            return None
+        if math.isinf(x):
+            return "\\infty" if x > 0 else "-\\infty"
+        return str(int(x)) if x.is_integer() else np.format_float_positional(value, trim="-")  # shortest, own dtype
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     text = str(value).strip()
@@ -113,7 +140,12 @@ def load_rows(name_or_path: str | Path) -> tuple[list[Row], dict]:
     rows_kept, skipped_missing_answer, skipped_empty_prompt and the skipped row numbers (skipped_rows).
     """
     path = _resolve(name_or_path)
-    table = pq.read_table(path)
+    import pyarrow as pa  # here, not at import time: the trainer on the built-in task needs no pyarrow
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: cannot read it as a parquet file ({e})") from None
     cols = set(table.column_names)
     for need in ("prompt", "reward_model"):
         if need not in cols:
@@ -135,7 +167,7 @@ def load_rows(name_or_path: str | Path) -> tuple[list[Row], dict]:
         if not any(str(m.get("content") or "").strip() for m in messages):
             no_prompt.append(i)
             continue
-        extra = _literal(extras[i], f"{what} extra_info") or {}
+        extra = _literal(extras[i], f"{what} extra_info", strict=False) or {}
         extra = extra if isinstance(extra, dict) else {"value": extra}
         rows.append(Row(messages, gt, str(sources[i] or path.stem), extra, i))
     stats = {"rows_total": n, "rows_kept": len(rows), "skipped_missing_answer": len(no_answer),
@@ -218,8 +250,7 @@ def render_prompts(rows: list[Row], tok: Tokenizer, *, max_prompt_length: int, t
         raise ValueError(f"truncation={truncation!r}; valid: 'left', 'drop'")
     if max_prompt_length < 1:
         raise ValueError(f"max_prompt_length={max_prompt_length}; must be >= 1")
-    texts = [tok.apply_chat_template(r.prompt, add_generation_prompt=True, enable_thinking=enable_thinking,
-                                     template=template) for r in rows]
+    texts = [_render(tok, r, enable_thinking, template) for r in rows]
     all_ids = tok.encode_batch(texts, add_special_tokens=False)
     prompts, truncated, dropped = [], 0, 0
     for row, ids in zip(rows, all_ids):
@@ -233,6 +264,16 @@ def render_prompts(rows: list[Row], tok: Tokenizer, *, max_prompt_length: int, t
     stats = {"total": len(rows), "kept": len(prompts), "truncated": truncated, "dropped": dropped,
              "max_length": max((len(i) for i in all_ids), default=0)}
     return prompts, stats
+
+
+def _render(tok: Tokenizer, row: Row, enable_thinking: bool | None, template: str | None) -> str:
+    try:
+        return tok.apply_chat_template(row.prompt, add_generation_prompt=True, enable_thinking=enable_thinking,
+                                       template=template)
+    except jinja2.TemplateError as e:  # the template's raise_exception(...), an undefined name, ...
+        which = "the given" if template is not None else tok.template_origin
+        raise ValueError(f"{row.data_source} row {row.index}: {which} chat template fails on this prompt "
+                         f"({type(e).__name__}: {e})") from None
 
 
 # --- loader

@@ -23,11 +23,25 @@ How this implementation differs from the paper's reference code (a verl fork):
   6. Every policy (the samplers' and the trainer's, pi^k and the full one) is a softmax over the tokenizer's real ids
      only: the padded embedding rows of Qwen checkpoints (267 of 151936) are never sampled and carry no probability
      mass in the log-probs and entropies.
+  7. Every exp of a log-prob difference is bounded (see LOG_RATIO_BOUND, KL_BOUND), so one token whose log-prob
+     moved by tens of nats cannot produce an inf (and through it a NaN gradient); verl bounds them the same way.
 """
 
 from __future__ import annotations
 
 import torch
+
+# Log-prob differences are clamped to +-LOG_RATIO_BOUND nats before any exp (ratio, k3 KL, importance weights): exp(20)
+# = 4.9e8 is far beyond every clip range yet finite in fp32, while exp(89) is inf. A phase-one step of the CPU demo
+# moved a log-prob by ~21 nats. The clamped tokens get zero gradient, which is what the clip gives them anyway.
+LOG_RATIO_BOUND = 20.0
+KL_BOUND = 10.0  # the per-token k3 KL estimate is clamped to [-KL_BOUND, KL_BOUND] (verl uses the same bounds)
+
+
+def bounded_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp(log_ratio) with log_ratio clamped to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND]: finite, and zero gradient
+    outside the bound."""
+    return torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str = "grpo", norm_by_std: bool = True,
@@ -74,16 +88,17 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     """PPO clipped surrogate summed over the N tokens given and divided by `global_tokens`.
 
     logp, old_logp, advantages, entropy, ref_logp, is_weights: [N] over the response tokens of this micro-batch.
-    Per token, with r = exp(logp - old_logp) and A the advantage:
+    Per token, with r = exp(clamp(logp - old_logp, +-20)) and A the advantage:
         l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
         l = min(l, -A c) where A < 0 and c = dual_clip > 0          (dual clip bounds the loss of bad actions)
         l = l * is_weight                                           (truncated importance sampling, optional)
-        l = l - entropy_coef * H + kl_coef * k3(ref, new)            (k3 = exp(ref - new) - (ref - new) - 1)
+        l = l - entropy_coef * H + kl_coef * k3(ref, new)            (k3 = exp(d) - d - 1, d = clamp(ref - new, +-20),
+                                                                      then clamped to [-10, 10])
     loss = sum(l) / global_tokens, so summing the losses of all micro-batches (and ranks) gives the token mean of
     the whole optimizer step. Metrics are sums over the tokens given (divide by global_tokens after reducing).
     """
     log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
+    ratio = bounded_ratio(log_ratio)
     adv = advantages.to(logp.dtype)
     loss1 = -adv * ratio
     loss2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -106,8 +121,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         if entropy_coef:
             per_token = per_token - entropy_coef * entropy
     if ref_logp is not None:
-        d = ref_logp - logp
-        kl = torch.exp(d) - d - 1.0
+        d = (ref_logp - logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        kl = (torch.exp(d) - d - 1.0).clamp(-KL_BOUND, KL_BOUND)
         metrics["kl_ref"] = kl.detach().sum()
         if kl_coef:
             per_token = per_token + kl_coef * kl

@@ -4,6 +4,7 @@ and the reward / entropy curve PNG written at the end of a run."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import warnings
 from pathlib import Path
@@ -21,15 +22,45 @@ def peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def jsonl_rows(path: str | Path, *, cut_partial: bool = False) -> list[tuple[int, dict]]:
+    """(1-based line number, object) for every non-blank line of a jsonl file ([] when there is none).
+
+    A last line without its newline is what a crash mid-write leaves: it is dropped with a warning (and cut off the
+    file when `cut_partial`, before appending to it). Any other line that is not a JSON object is a ValueError naming
+    the file and the line.
+    """
     p = Path(path)
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    data = p.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        warnings.warn(f"{p}: dropping a truncated last line ({len(data) - end} bytes) left by an interrupted run")
+        if cut_partial:
+            with open(p, "r+b") as f:
+                f.truncate(end)
+    rows = []
+    for i, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p} line {i}: not valid JSON ({e}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{p} line {i}: not an object (a JSON {type(row).__name__}); fix or remove the line")
+        rows.append((i, row))
+    return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The objects of a jsonl file (see `jsonl_rows`: a cut last line is dropped, a bad line is an error)."""
+    return [row for _, row in jsonl_rows(path)]
 
 
 class MetricsLogger:
-    """Appends step records on rank 0; on resume drops records past the restored step (they will be redone)."""
+    """Appends step records on rank 0. On resume keeps the records up to the restored step and drops, with a
+    warning, those past it (the steps are redone); the file is rewritten atomically, so a crash loses nothing."""
 
     def __init__(self, out_dir: str | Path, *, enabled: bool, resume_step: int = 0, wandb: bool = False,
                  tensorboard: bool = False, config: dict | None = None):
@@ -38,8 +69,15 @@ class MetricsLogger:
         self._wandb = self._tb = None
         if not enabled:
             return
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        records = read_jsonl(self.path)
+        kept = [r for r in records if r.get("step", 0) <= resume_step]
+        if len(kept) < len(records):
+            later = sorted({r.get("step") for r in records if r.get("step", 0) > resume_step})
+            warnings.warn(f"{self.path}: dropping the records of steps {later}: the run resumes after step "
+                          f"{resume_step}, so those steps are redone")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
         if wandb:
             try:
                 import wandb as wb

@@ -20,6 +20,7 @@ tokens do not depend on the batch it lands in or on `max_batch_size` (up to floa
 Legend: B sequences in a batch, U distinct prompts in it, P longest prompt, N max_new_tokens, H hidden, V vocab.
 """
 
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -39,6 +40,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # EOS / end-of-turn ids; the stop id ends the response and is kept in it
     layer: int | None = None  # None = full policy; k = internal policy softmax(h_k E^T / T) (0-based layer)
     norm: bool = False  # with layer=k: apply the final norm to h_k first (paper ablation)
+    # per prompt of the generate call, the index that seeds its samples; empty: the prompt's position in the call.
+    # The trainer passes each prompt's position in the global batch, so a prompt draws the same tokens on any number
+    # of ranks.
+    seed_index: tuple[int, ...] = ()
+
+    def sample_seed(self, prompt: int, sample: int) -> int:
+        """The generator seed of sample `sample` of prompt `prompt` (its position in the generate call)."""
+        return sequence_seed(self.seed, self.seed_index[prompt] if self.seed_index else prompt, sample)
 
     def validate(self) -> None:
         if self.n < 1:
@@ -51,6 +60,11 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be -1 or 0 (off) or a positive count, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def check_prompts(self, num_prompts: int) -> None:
+        self.validate()
+        if self.seed_index and len(self.seed_index) != num_prompts:
+            raise ValueError(f"SamplingParams.seed_index has {len(self.seed_index)} entries for {num_prompts} prompts")
 
 
 @dataclass
@@ -94,6 +108,14 @@ def sequence_seed(seed: int, prompt_index: int, sample_index: int) -> int:
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 31
     return x >> 1
+
+
+def step_seed(seed: int, purpose: str, step: int) -> int:
+    """The SamplingParams.seed of one generate call of a run: the run seed, what is sampled (`"train"`,
+    `"val/<set>"`, `"auto"`, a pass@k set) and the step, hashed together. With sequence_seed this is the one seeding
+    scheme of the project: sample j of the prompt at global position p draws from
+    sequence_seed(step_seed(seed, purpose, step), p, j), whatever the number of ranks and batches."""
+    return sequence_seed(seed, zlib.crc32(purpose.encode()), step) & 0x7FFFFFFF
 
 
 def _nucleus_candidates(x: torch.Tensor, lse: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +187,7 @@ class BuiltinEngine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
-        params.validate()
+        params.check_prompts(len(prompts))
         self._check(prompts, params)
         seqs = [(p, s) for p in range(len(prompts)) for s in range(params.n)]  # prompt-major
         out: list[Sample] = []
@@ -242,7 +264,7 @@ class BuiltinEngine:
         cache, logits, key_mask, next_pos = self._prefill(prompts, seqs, params, N)
         P = key_mask.shape[1] - N + 1
         # per-sequence randomness, drawn up front on the CPU so it does not depend on the batch or device
-        u = torch.stack([torch.rand(N, generator=torch.Generator().manual_seed(sequence_seed(params.seed, p, s)))
+        u = torch.stack([torch.rand(N, generator=torch.Generator().manual_seed(params.sample_seed(p, s)))
                          for p, s in seqs]).to(dev)  # [B, N] fp32 in [0, 1)
         stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=dev)
         tokens = torch.zeros(B, N, dtype=torch.long, device=dev)  # [B, N]
@@ -276,4 +298,4 @@ class BuiltinEngine:
         ]
 
 
-__all__ = ["BuiltinEngine", "Engine", "Sample", "SamplingParams", "sample_tokens", "sequence_seed"]
+__all__ = ["BuiltinEngine", "Engine", "Sample", "SamplingParams", "sample_tokens", "sequence_seed", "step_seed"]

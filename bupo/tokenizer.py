@@ -47,6 +47,8 @@ def _select_template(chat_template: Any, source: Path) -> str | None:
     if isinstance(chat_template, dict):
         named = chat_template
     elif isinstance(chat_template, list):
+        if not all(isinstance(t, dict) and {"name", "template"} <= t.keys() for t in chat_template):
+            raise ValueError(f"{source}: chat_template is a list whose entries are not all {{name, template}} objects")
         named = {t["name"]: t["template"] for t in chat_template}
     else:
         raise ValueError(f"{source}: chat_template has unsupported type {type(chat_template).__name__}")
@@ -99,6 +101,31 @@ def _make_env() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
 _ENV = _make_env()
 
 
+def compile_template(source: str, what: str) -> jinja2.Template:
+    """Compile a chat template; a syntax error is a ValueError naming `what` (the flag, field or file) and the line."""
+    try:
+        return _ENV.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{what}: chat template syntax error at line {e.lineno}: {e.message}") from None
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_tokenizer(path: Path) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for any file it cannot read
+        raise ValueError(f"{path}: not a valid tokenizer file ({e})") from None
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus its special tokens and chat template."""
 
@@ -109,6 +136,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.source = source
         self._compiled: dict[str, jinja2.Template] = {}
+        self.template_origin = "tokenizer"  # where the chat template came from, for errors (from_pretrained: its file)
         self.special_tokens = {n: s for n in SPECIAL_TOKEN_NAMES if (s := _token_str(config.get(n))) is not None}
         gen_eos = (generation_config or {}).get("eos_token_id")
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
@@ -136,7 +164,7 @@ class Tokenizer:
         for f in (tok_file, cfg_file):
             if not f.is_file():
                 raise ValueError(f"missing tokenizer file {f}")
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        config = _read_json_object(cfg_file)
         jinja_file = root / "chat_template.jinja"
         # As in transformers, a chat_template.jinja file takes priority over the config's entry.
         if jinja_file.is_file():
@@ -144,8 +172,10 @@ class Tokenizer:
         else:
             template = _select_template(config.get("chat_template"), cfg_file)
         gen_file = root / "generation_config.json"
-        gen = json.loads(gen_file.read_text(encoding="utf-8")) if gen_file.is_file() else None
-        return cls(tokenizers.Tokenizer.from_file(str(tok_file)), config, template, gen, root)
+        gen = _read_json_object(gen_file) if gen_file.is_file() else None
+        tok = cls(_read_tokenizer(tok_file), config, template, gen, root)
+        tok.template_origin = str(jinja_file if jinja_file.is_file() else cfg_file)
+        return tok
 
     def _require_id(self, token: str, name: str) -> int:
         i = self._tok.token_to_id(token)
@@ -176,9 +206,9 @@ class Tokenizer:
 
     # --- chat template
 
-    def _compile(self, template: str) -> jinja2.Template:
+    def _compile(self, template: str, what: str) -> jinja2.Template:
         if template not in self._compiled:
-            self._compiled[template] = _ENV.from_string(template)
+            self._compiled[template] = compile_template(template, what)
         return self._compiled[template]
 
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
@@ -200,8 +230,9 @@ class Tokenizer:
         kwargs: dict[str, Any] = dict(self.special_tokens)
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
-        text = self._compile(source).render(messages=msgs, tools=None, documents=None,
-                                            add_generation_prompt=add_generation_prompt, **kwargs)
+        what = "template argument" if template is not None else self.template_origin
+        text = self._compile(source, what).render(messages=msgs, tools=None, documents=None,
+                                                  add_generation_prompt=add_generation_prompt, **kwargs)
         if enable_thinking is False and add_generation_prompt and "enable_thinking" not in source:
             text += NO_THINK_SUFFIX
         return text

@@ -8,14 +8,15 @@ The policy being optimized is pi^k (raw residual after layer k, `layer=k`) in Bu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import kernels
-from bupo.loss import policy_loss
-from bupo.parallel import DistInfo, all_reduce
+from bupo.loss import bounded_ratio, policy_loss
+from bupo.parallel import DistInfo, all_reduce, reshard
 
 
 def phase_one_names(name: str, k: int) -> bool:
@@ -117,7 +118,12 @@ def compute_logprobs(model: nn.Module, seqs: list[Seq], *, layer: int | None, no
         owner = packed.seq_index.cpu()
         for j, i in enumerate(idx):
             out[i] = logp[owner == j]
+    reshard(model)  # no backward follows: drop the root's gathered weights
     return out
+
+
+# Metrics update_policy returns on every rank, whatever was filtered: a fixed key set keeps the all-reduce aligned.
+TOKEN_METRICS = ("loss", "pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "entropy", "kl_ref")
 
 
 def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list[Seq], *, info: DistInfo,
@@ -129,29 +135,42 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list
     """Run `mini_batches` optimizer steps over this rank's `seqs` (split in order, equal counts on every rank).
 
     The loss of each micro-batch is its token sum divided by the GLOBAL response-token count of the optimizer step
-    (all micro-batches, all ranks); FSDP averages gradients over ranks, so the loss is scaled by the world size to
-    make the reduced gradient exactly the gradient of the global token mean. `trainable`: the parameters the
+    (all micro-batches, all ranks); the loss is scaled by `info.loss_scale` (the world size where FSDP2 averages
+    gradients over ranks, 1 where it sums them; measured by parallel.apply_fsdp) so the reduced gradient is exactly
+    the gradient of the global token mean. `trainable`: the parameters the
     optimizer may touch (phase one: layers 0..k and the embedding/head); every other gradient is dropped before
     the step so AdamW (weight decay included) skips those parameters entirely. `vocab_size`: see policy_logprobs.
+
+    Guards: an optimizer step whose summed loss (over all ranks) or global gradient norm is not finite is skipped
+    (no weight, AdamW state or scheduler change) and counted in `nonfinite_skipped`; a mini-batch with no active
+    token on any rank (zero-variance filter) takes no optimizer step at all.
+    Returns the same keys for a given configuration: the token means of TOKEN_METRICS (kl_ref only with kl_coef;
+    NaN when no token was trained on),
+    `grad_norm` (mean over the optimizer steps taken; NaN when none), `updates`, `nonfinite_skipped`, and
+    `logp_mismatch` (mean |trainer - sampler| log-prob, first mini-batch, full policy only; NaN otherwise).
+    Statistics stay on the device and are synchronized once per optimizer step.
     """
     if len(seqs) % mini_batches:
         raise ValueError(f"{len(seqs)} sequences on rank {info.rank} do not split into {mini_batches} mini-batches")
     device = info.device
     per_mini = len(seqs) // mini_batches
     keep = None if trainable is None else {id(p) for p in trainable}
-    sums: dict[str, float] = {}
+    sums = {key: torch.zeros((), dtype=torch.float64, device=device)
+            for key in (*TOKEN_METRICS, "tokens", "logp_mismatch", "mismatch_tokens")}
     grad_norms: list[float] = []
+    skipped = 0
     for m in range(mini_batches):
         mini = [s for s in seqs[m * per_mini:(m + 1) * per_mini] if s.active]
         global_tokens = float(all_reduce(torch.tensor([sum(len(s.response_ids) for s in mini)]))[0])
         count = int(all_reduce(torch.tensor([len(split_micro_batches(mini, token_budget))]), "max")[0])
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for idx in split_micro_batches(mini, token_budget, count=count):
             # a rank with fewer sequences than `count` still runs a (zero-weight) pass: FSDP's collectives pair up
             mb, scale = ([mini[i] for i in idx], 1.0) if idx else ([Seq([0], [0])], 0.0)
             packed = pack(mb, device)
             logp, ent = policy_logprobs(model, packed, layer=layer, norm=norm, temperature=temperature,
                                         vocab_size=vocab_size)
-            adv = torch.tensor([mb[i].advantage for i in packed.seq_index.tolist()], device=device)
+            adv = torch.tensor([s.advantage for s in mb], device=device)[packed.seq_index]  # [N]
             old = torch.cat([s.old_logp for s in mb]).to(device) if mb[0].old_logp is not None else logp.detach()
             ref = torch.cat([s.ref_logp for s in mb]).to(device) if kl_coef and mb[0].ref_logp is not None else None
             isw = None
@@ -159,39 +178,56 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list
             if layer is None and mb[0].sampler_logp is not None and scale:
                 samp = torch.cat([s.sampler_logp for s in mb]).to(device)
                 if m == 0:
-                    sums["logp_mismatch"] = sums.get("logp_mismatch", 0.0) + float((old - samp).abs().sum())
-                    sums["mismatch_tokens"] = sums.get("mismatch_tokens", 0.0) + samp.numel()
+                    sums["logp_mismatch"] += (old - samp).abs().sum()
+                    sums["mismatch_tokens"] += samp.numel()
                 if tis_cap:
-                    isw = torch.exp(old - samp).clamp(max=tis_cap)
+                    isw = bounded_ratio(old - samp).clamp(max=tis_cap)
             loss, metrics = policy_loss(logp, old, adv, global_tokens=max(global_tokens, 1.0), clip_low=clip_low,
                                         clip_high=clip_high, dual_clip=dual_clip, entropy=ent,
                                         entropy_coef=entropy_coef, ref_logp=ref, kl_coef=kl_coef, is_weights=isw)
-            (loss * (info.world_size * scale)).backward()
+            (loss * (info.loss_scale * scale)).backward()
             if not scale:
                 continue
+            step_loss += loss.detach()
             for key, v in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(v)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * global_tokens
-            sums["tokens"] = sums.get("tokens", 0.0) + logp.numel()
-        params = [p for p in model.parameters() if p.grad is not None]
-        if keep is not None:
-            for p in params:
-                if id(p) not in keep:
-                    p.grad = None
-            params = [p for p in params if id(p) in keep]
-        norm_t = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        grad_norms.append(float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-    keys = sorted(set(sums) | {"tokens", "loss", "logp_mismatch", "mismatch_tokens"})
-    sums = {key: sums.get(key, 0.0) for key in keys}
-    tot = dict(zip(keys, all_reduce(torch.tensor([sums[k] for k in keys])).tolist()))
-    n = max(tot.pop("tokens"), 1.0)
-    mismatch = (tot.pop("logp_mismatch", 0.0), tot.pop("mismatch_tokens", 0.0))
-    out = {k: v / n for k, v in tot.items()}
-    if mismatch[1]:
-        out["logp_mismatch"] = mismatch[0] / mismatch[1]  # mean |trainer - sampler| log-prob, first mini-batch
-    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+                sums[key] += v
+            sums["loss"] += loss.detach() * global_tokens
+            sums["tokens"] += logp.numel()
+        if global_tokens == 0:  # every sequence of this mini-batch was filtered out on every rank: nothing to learn
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            norm_t, finite = _clip_and_check(model, keep, grad_clip, step_loss)
+            if finite:
+                grad_norms.append(norm_t)
+                optimizer.step()
+                if scheduler is not None:  # the schedule counts the optimizer steps taken
+                    scheduler.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+    reshard(model)  # a mini-batch without tokens ran no backward
+    tot = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))).tolist()))  # one host sync for the step
+    n = tot["tokens"]
+    out = {key: tot[key] / n if n else float("nan") for key in TOKEN_METRICS if key != "kl_ref" or kl_coef}
+    out["logp_mismatch"] = tot["logp_mismatch"] / tot["mismatch_tokens"] if tot["mismatch_tokens"] else float("nan")
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+    out["updates"] = float(len(grad_norms))
+    out["nonfinite_skipped"] = float(skipped)
     return out
+
+
+def _clip_and_check(model: nn.Module, keep: set[int] | None, grad_clip: float,
+                    step_loss: torch.Tensor) -> tuple[float, bool]:
+    """Drop the gradients of frozen parameters, clip the rest to `grad_clip` (0: no clipping) and say whether the
+    global gradient norm and the loss summed over ranks are finite (one host sync). Returns (norm, finite)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if keep is not None:
+        for p in params:
+            if id(p) not in keep:
+                p.grad = None
+        params = [p for p in params if id(p) in keep]
+    norm_t = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm_t = norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t
+    loss_sum = float(all_reduce(step_loss.reshape(1))[0])
+    norm = float(norm_t)
+    return norm, math.isfinite(norm) and math.isfinite(loss_sum)

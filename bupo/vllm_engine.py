@@ -13,14 +13,15 @@ How it fits the trainer (bupo/train.py):
   member generates all of them (same seeds -> same tokens) and keeps its own share.
 - Sleep mode (level 1: weights backed up to CPU, KV cache dropped) between rollouts, so the update has the GPU.
 - `update_weights` after each update, while the KV cache is released: wake_up(weights) -> load_weights bucket by
-  bucket, in memory (never from disk) -> reset the prefix cache (cached KV was computed by the old weights) ->
-  wake_up(kv_cache). `generate` wakes the engine itself if it is asleep (validation runs right after a sync).
+  bucket, in memory (never from disk) -> reset the prefix cache (cached KV was computed by the old weights). The
+  KV cache is woken only by `generate` (rollout or validation), so diagnostics and the checkpoint that follow a sync
+  never run next to it.
 - Sampling is masked to the tokenizer's real vocabulary when the checkpoint pads its embedding (Qwen: 151669 real
   tokens of 151936 rows): a `logit_bias` of -inf on the padded ids (267 entries for Qwen). Not `allowed_token_ids`:
   vLLM's V2 model runner (the default for dense models in recent releases) refuses more than 1024 of them, and on V1
   a 151669-id whitelist costs about 0.15 s of CPU per request (its deep copy, validation and mask fill, timed on
   CPU). Log-probs are vLLM's "processed" ones (after temperature and the mask), i.e. of the distribution the token
-  was drawn from. Every sample is its own n=1 request seeded with `bupo.rollout.sequence_seed(params.seed, prompt
+  was drawn from. Every sample is its own n=1 request seeded with `SamplingParams.sample_seed(prompt
   index, sample index)`, as in the built-in engine, so a sample does not depend on the batch it lands in (vLLM
   shares the prompt's KV between its samples through the prefix cache).
 """
@@ -35,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from bupo.rollout import Sample, SamplingParams, sequence_seed
+from bupo.loss import bounded_ratio
+from bupo.rollout import Sample, SamplingParams
 from bupo.weight_sync import DEFAULT_BUCKET_BYTES, chunk_by_bytes
 
 VLLM_RANGE = ">=0.10.2,<0.34"
@@ -58,7 +60,7 @@ def logprob_mismatch(sampler_logp: torch.Tensor, trainer_logp: torch.Tensor,
     d = trainer_logp.float() - sampler_logp.float().to(trainer_logp.device)  # [N]
     if d.numel() == 0:
         return (d if tis_cap > 0 else None), {"logp_mismatch": 0.0, "logp_mismatch_max": 0.0, "ratio_mean": 1.0}
-    ratio = d.exp()
+    ratio = bounded_ratio(d)  # exp, bounded: a token can disagree by tens of nats
     metrics = {"logp_mismatch": float(d.abs().mean()), "logp_mismatch_max": float(d.abs().max()),
                "ratio_mean": float(ratio.mean())}
     if tis_cap <= 0:
@@ -141,9 +143,9 @@ class VLLMEngine:
         if params.layer is not None:
             raise ValueError(f"internal-policy sampling (layer={params.layer}) is only supported by the built-in "
                              "engine; the vLLM engine samples the full policy (rollout.engine='builtin' for pi^k)")
-        params.validate()
+        params.check_prompts(len(prompts))
         self.wake_up()
-        groups, mine = self._tp_gather(prompts, params.seed)
+        groups, mine = self._tp_gather(prompts, params)
         requests, sps = self._requests(groups, params)
         if not requests:
             return []
@@ -153,13 +155,15 @@ class VLLMEngine:
         mine_out = outputs[start:start + len(prompts) * params.n]
         return [_to_sample(out, prompts[k // params.n], k // params.n, k % params.n) for k, out in enumerate(mine_out)]
 
-    def _requests(self, groups: list[tuple[list[list[int]], int]], params: SamplingParams) -> tuple[list, list]:
-        """vLLM prompts + SamplingParams, one n=1 request per sample, for the (prompts, seed) of every member of
-        the TP group (one member when tensor_parallel_size == 1), members back to back, each prompt-major."""
+    def _requests(self, groups: list[tuple[list[list[int]], SamplingParams]],
+                  params: SamplingParams) -> tuple[list, list]:
+        """vLLM prompts + SamplingParams, one n=1 request per sample, for the (prompts, params) of every member of
+        the TP group (one member when tensor_parallel_size == 1), members back to back, each prompt-major; each
+        member's own params give its sequence seeds, the rest is equal in the group."""
         from vllm import SamplingParams as VSamplingParams  # vllm.SamplingParams (top-level export)
 
         requests, sps = [], []
-        for member_prompts, seed in groups:
+        for member_prompts, member_params in groups:
             for p, ids in enumerate(member_prompts):
                 # vllm.inputs.TokensPrompt is a TypedDict: {"prompt_token_ids": [...]} (no tokenization by vLLM)
                 prompt = {"prompt_token_ids": list(ids)}
@@ -172,20 +176,21 @@ class VLLMEngine:
                     sps.append(VSamplingParams(
                         n=1, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-                        seed=sequence_seed(seed, p, s), logprobs=0, stop_token_ids=list(params.stop_token_ids),
+                        seed=member_params.sample_seed(p, s), logprobs=0, stop_token_ids=list(params.stop_token_ids),
                         logit_bias=self.logit_bias, detokenize=False))
         return requests, sps
 
-    def _tp_gather(self, prompts: list[list[int]], seed: int) -> tuple[list[tuple[list[list[int]], int]], int]:
-        """[(prompts, seed)] of every rank of this engine's TP group in TP-rank order, and this rank's position."""
+    def _tp_gather(self, prompts: list[list[int]],
+                   params: SamplingParams) -> tuple[list[tuple[list[list[int]], SamplingParams]], int]:
+        """[(prompts, params)] of every rank of this engine's TP group in TP-rank order, and this rank's position."""
         if self.tp == 1:
-            return [(prompts, seed)], 0
+            return [(prompts, params)], 0
         import torch.distributed as dist
         from vllm.distributed.parallel_state import get_tp_group  # GroupCoordinator with .cpu_group (gloo)
 
         group = get_tp_group().cpu_group
         gathered: list = [None] * self.tp
-        dist.all_gather_object(gathered, (prompts, seed), group=group)
+        dist.all_gather_object(gathered, (prompts, params), group=group)
         return gathered, dist.get_rank(group)
 
     # --- sleep mode and weight sync -----------------------------------------------------------------------------------
@@ -210,9 +215,10 @@ class VLLMEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named full tensors into the engine's model in place, bucket by bucket (bucket_bytes each).
 
-        Order: wake_up(weights) -> load_weights per bucket -> reset prefix cache -> wake_up(kv_cache), so the KV cache
-        stays released while the trainer gathers and sends the weights. The stream may be lazy (gathering on
-        demand): at most one bucket is alive at a time.
+        Order: wake_up(weights) -> load_weights per bucket -> reset prefix cache. The KV cache stays released
+        afterwards too: diagnostics, validation bookkeeping and the checkpoint run next, and `generate` wakes the
+        cache itself when it is needed. The stream may be lazy (gathering on demand): at most one bucket is alive
+        at a time.
         """
         if self._state == "asleep":
             # LLM.wake_up(tags=["weights"]): only the weights come back (restored from the CPU backup)
@@ -225,8 +231,6 @@ class VLLMEngine:
             self.llm.apply_model(lambda model, b=bucket: _load(model, b))
         # LLM.reset_prefix_cache(): cached prefix blocks hold KV of the old weights
         self.llm.reset_prefix_cache()
-        if self._state == "weights":
-            self.wake_up()
 
 
 @torch.no_grad()

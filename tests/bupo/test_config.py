@@ -54,3 +54,95 @@ def test_shipped_run_files_parse():
     assert len(files) >= 10
     for f in files:
         load_config(["--config", str(f)])
+
+
+@pytest.mark.parametrize("text, want", [
+    ("arithmetic", ["arithmetic"]),
+    ("amc2023,math500", ["amc2023", "math500"]),
+    ("amc2023, math500", ["amc2023", "math500"]),
+    ("[amc2023,math500]", ["amc2023", "math500"]),
+    ('["amc2023", "math500"]', ["amc2023", "math500"]),
+    ("['amc2023', 'math500']", ["amc2023", "math500"]),
+    ("[arithmetic]", ["arithmetic"]),
+    (" [ data/a b.parquet , math500 ] ", ["data/a b.parquet", "math500"]),
+    ("[]", []),
+])
+def test_list_fields_accept_the_usual_spellings(text, want):
+    assert load_config([f"--data.val_files={text}"]).data.val_files == want
+
+
+@pytest.mark.parametrize("text", ["[arithmetic", "arithmetic]", '["arithmetic]', "[[arithmetic]]", "[1, 2]",
+                                  '[{"name": "x"}]', "['a', \"b']"])
+def test_list_fields_refuse_naming_the_field(text):
+    with pytest.raises(ValueError, match=r"--data\.val_files="):
+        load_config([f"--data.val_files={text}"])
+
+
+@pytest.mark.parametrize("value, want", [
+    ('"arithmetic"', ["arithmetic"]), ('"amc2023,math500"', ["amc2023", "math500"]),
+    ('["arithmetic"]', ["arithmetic"]), ('"[a, b]"', ["a", "b"]),
+])
+def test_a_string_in_the_run_file_is_a_name_not_letters(tmp_path, value, want):
+    f = tmp_path / "run.toml"
+    f.write_text(f"[data]\ntrain_files = {value}\n")
+    assert load_config(["--config", str(f)]).data.train_files == want
+
+
+@pytest.mark.parametrize("line, field", [
+    ("[data]\ntrain_files = 5", "data.train_files"),
+    ("[data]\ntrain_files = [1, 2]", "data.train_files"),
+    ("[data]\ntrain_files = [\"a\", [\"b\"]]", "data.train_files"),
+    ("[bupo]\ninternal_layer = 2.5", "bupo.internal_layer"),
+    ("[bupo]\ninternal_layer = true", "bupo.internal_layer"),
+    ("[trainer]\ntotal_steps = true", "trainer.total_steps"),
+    ("[trainer]\ntotal_steps = 2.0", "trainer.total_steps"),
+    ("[optim]\nlr = \"fast\"", "optim.lr"),
+    ("[trainer]\nplot = 1", "trainer.plot"),
+])
+def test_run_file_values_of_the_wrong_type_name_field_and_file(tmp_path, line, field):
+    f = tmp_path / "run.toml"
+    f.write_text(line + "\n")
+    with pytest.raises(ValueError, match=rf"{field.replace('.', r'[.]')}=.* in {f}"):
+        load_config(["--config", str(f)])
+
+
+def test_unknown_key_in_the_run_file_names_the_file(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text("[data]\ntrain_file = \"arithmetic\"\n")
+    with pytest.raises(ValueError, match=rf"unknown config key 'data.train_file' in {f}; fields of \[data\]"):
+        load_config(["--config", str(f)])
+
+
+def test_run_file_int_or_string_field(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[bupo]\ninternal_layer = "3"\n')
+    assert load_config(["--config", str(f)]).bupo.internal_layer == 3
+    f.write_text('[bupo]\ninternal_layer = "auto"\n')
+    assert load_config(["--config", str(f)]).bupo.internal_layer == "auto"
+
+
+@pytest.mark.parametrize("text", ["[trainer]\ntotal_steps = \n", "[trainer\n", "a = 1\na = 2\n", b"\xff\xfe= 1"])
+def test_broken_run_file_names_the_file(tmp_path, text):
+    f = tmp_path / "run.toml"
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=rf"--config {f}: not a valid TOML file"):
+        load_config(["--config", str(f)])
+    with pytest.raises(ValueError, match="no such file"):
+        load_config(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_out_dir_that_cannot_be_a_folder_is_refused_before_any_model(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"trainer\.out_dir=.* is a file"):
+        load_config([f"--trainer.out_dir={tmp_path / 'f'}"])
+    with pytest.raises(ValueError, match=r"trainer\.out_dir=.*cannot be created"):
+        load_config([f"--trainer.out_dir={tmp_path / 'f' / 'run'}"])
+    assert load_config([f"--trainer.out_dir={tmp_path / 'new' / 'run'}"]).trainer.out_dir.endswith("run")
+
+
+@pytest.mark.parametrize("template", ["{% if %}", "{% for m in messages %}", "{{ messages | no_such_filter }}",
+                                      "{{ messages[0 }}"])
+def test_chat_template_that_does_not_compile_names_the_field(template):
+    with pytest.raises(ValueError, match=r"data\.chat_template: chat template syntax error at line \d"):
+        load_config([f"--data.chat_template={template}"])
+    assert load_config(["--data.chat_template={{ messages[-1]['content'] }}"]).data.chat_template

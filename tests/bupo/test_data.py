@@ -241,3 +241,76 @@ def test_arithmetic_demonstration_turns_are_shared_and_correct():
             value = value + int(t) if op == "+" else value - int(t)
         assert a["content"].endswith(f"\\boxed{{{value}}}.")
     assert [r.prompt[-1] for r in rows] == [r.prompt[-1] for r in arithmetic_rows(5, 7, ops="+-")]
+
+
+@pytest.mark.parametrize("text", ["[AMC 2023] What is 2+2?", " [1, 2, 3] What is their sum?", "{x} is a set. Size?",
+                                  "[Hard] {a}: what is a?", "(a) or [b]?"])
+def test_plain_prompt_strings_are_user_messages_whatever_they_start_with(tmp_path, text):
+    f = write(tmp_path / "plain.parquet", {"prompt": [text], "reward_model": [{"ground_truth": "4"}]})
+    rows, stats = load_rows(f)
+    assert rows[0].prompt == [{"role": "user", "content": text}] and stats["rows_kept"] == 1
+
+
+@pytest.mark.parametrize("values, kind", [([7, 8], "int"), ([1.5, 2.5], "float"), ([True, False], "bool")])
+def test_prompt_that_is_not_text_or_messages_names_file_row_and_column(tmp_path, values, kind):
+    f = write(tmp_path / "bad.parquet", {"prompt": values, "reward_model": [{"ground_truth": "4"}] * 2})
+    with pytest.raises(ValueError, match=rf"{f} row 0 prompt: expected a list of chat messages .* got {kind}"):
+        load_rows(f)
+
+
+def test_prompt_list_of_non_messages_names_the_row(tmp_path):
+    f = write(tmp_path / "bad.parquet", {"prompt": [repr(MESSAGES), "[{'content': 'no role'}]"],
+                                         "reward_model": [{"ground_truth": "4"}] * 2})
+    with pytest.raises(ValueError, match=rf"{f} row 1 prompt: chat message without a role"):
+        load_rows(f)
+
+
+def test_free_text_extra_info_is_kept(tmp_path):
+    f = write(tmp_path / "extra.parquet", {"prompt": [MESSAGES] * 2, "reward_model": [{"ground_truth": "4"}] * 2,
+                                           "extra_info": ["[source: AMC] hard", json.dumps({"index": 3})]})
+    rows, _ = load_rows(f)
+    assert [r.extra_info for r in rows] == [{"value": "[source: AMC] hard"}, {"index": 3}]
+
+
+@pytest.mark.parametrize("content", [b"prompt,answer\n2+2,4\n", b"", b"PAR1" + b"\x00" * 40])
+def test_unreadable_parquet_names_the_file(tmp_path, content):
+    f = tmp_path / "data.parquet"
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{f}: cannot read it as a parquet file"):
+        load_rows(f)
+
+
+def test_truncated_parquet_names_the_file(tmp_path):
+    f = write(tmp_path / "cut.parquet", {"prompt": [MESSAGES] * 50, "reward_model": [{"ground_truth": "4"}] * 50})
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=rf"{f}: cannot read it as a parquet file"):
+        load_rows(f)
+
+
+def test_chat_template_failing_on_a_row_names_the_row(tok):
+    rows = arithmetic_rows(3, seed=0)
+    rows[2].prompt = [{"role": "critic", "content": "x"}]
+    template = "{% for m in messages %}{% if m.role == 'critic' %}{{ raise_exception('bad role ' + m.role) }}" \
+               "{% endif %}{{ m.content }}{% endfor %}"
+    with pytest.raises(ValueError, match=r"arithmetic row 2: the given chat template fails .*bad role critic"):
+        render_prompts(rows, tok, max_prompt_length=64, template=template)
+    with pytest.raises(ValueError, match=r"template argument: chat template syntax error at line 1"):
+        render_prompts(rows, tok, max_prompt_length=64, template="{% if %}")
+
+
+@pytest.mark.parametrize("value, want", [
+    (1e-05, "0.00001"),  # repr would give '1e-05', which a math parser reads as e - 5
+    (2.5e-7, "0.00000025"),
+    (0.1, "0.1"),
+    (25.0, "25"),
+    (1e20, "100000000000000000000"),
+    (float("inf"), "\\infty"),
+    (float("-inf"), "-\\infty"),
+    (float("nan"), None),  # no answer: the row is skipped and counted
+])
+def test_float_ground_truths_are_written_as_plain_decimals(value, want):
+    import numpy as np
+
+    from bupo.data import _ground_truth
+    assert _ground_truth(value) == want
+    assert _ground_truth(np.float32(0.1)) == "0.1"  # the shortest form of the stored dtype, not float64's digits

@@ -73,3 +73,62 @@ def test_entropy_bonus_and_k3_kl():
     assert math.isclose(loss.item(), (-(0.1 * ent).sum() + 0.5 * kl.sum()).item() / 2.0, rel_tol=1e-6)
     assert math.isclose(m["kl_ref"].item(), kl.sum().item(), rel_tol=1e-6)
     assert kl[0].item() == 0.0 and kl[1].item() > 0.0
+
+
+def _loss_and_grad(logp, old, adv, **kw):
+    x = torch.tensor(logp, dtype=torch.float32, requires_grad=True)
+    loss, metrics = policy_loss(x, torch.tensor(old), torch.tensor(adv), global_tokens=len(logp), **kw)
+    loss.backward()
+    return loss.detach(), x.grad, metrics
+
+
+def test_a_huge_log_ratio_gives_a_zero_not_a_nan_gradient():
+    """The reported case: log ratio +100 nats, positive advantage -> clipped at 1 + 0.2, loss -1.2, gradient 0."""
+    loss, grad, _ = _loss_and_grad([-50.0], [-150.0], [1.0])
+    assert loss.item() == pytest.approx(-1.2)
+    assert torch.equal(grad, torch.zeros(1))
+
+
+@pytest.mark.parametrize("logp, old, adv, want_loss", [
+    ([-50.0], [-150.0], [-1.0], 10.0),  # negative advantage, ratio huge: the dual clip caps the loss at -A c = 10
+    ([-150.0], [-50.0], [1.0], 0.0),  # ratio exp(-100) -> 0, positive advantage: loss -A r ~ 0
+    ([-150.0], [-50.0], [-1.0], 0.8),  # ratio ~ 0, negative advantage: clipped at 1 - 0.2
+    ([0.0], [-1000.0], [1.0], -1.2),  # 1000 nats
+])
+def test_extreme_log_ratios_stay_finite(logp, old, adv, want_loss):
+    loss, grad, metrics = _loss_and_grad(logp, old, adv)
+    assert loss.item() == pytest.approx(want_loss, abs=1e-6)
+    assert torch.isfinite(grad).all() and torch.equal(grad, torch.zeros(1))  # every one of these is clipped
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_unclipped_gradient_is_unchanged_by_the_bound():
+    """Inside the clip range the bound changes nothing: d(-A r)/dlogp = -A r."""
+    loss, grad, _ = _loss_and_grad([-1.0], [-1.05], [2.0])
+    r = math.exp(0.05)
+    assert loss.item() == pytest.approx(-2.0 * r, rel=1e-6)
+    assert grad.item() == pytest.approx(-2.0 * r, rel=1e-6)
+
+
+@pytest.mark.parametrize("gap", [100.0, -100.0, 30.0])
+def test_k3_kl_term_is_bounded_and_its_gradient_finite(gap):
+    """k3 = exp(d) - d - 1 with d = ref - new: exp(100) overflows fp32; the bounded term stays finite, is at most
+    KL_BOUND, and gives a finite gradient."""
+    from bupo.loss import KL_BOUND
+    x = torch.tensor([-5.0], requires_grad=True)
+    loss, metrics = policy_loss(x, x.detach(), torch.zeros(1), global_tokens=1, ref_logp=torch.tensor([-5.0 + gap]),
+                                kl_coef=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert 0 <= metrics["kl_ref"].item() <= KL_BOUND
+
+
+def test_bounded_ratio():
+    from bupo.loss import LOG_RATIO_BOUND, bounded_ratio
+    x = torch.tensor([-1e4, -3.0, 0.0, 3.0, 1e4, float("inf")], requires_grad=True)
+    r = bounded_ratio(x)
+    assert torch.isfinite(r).all()
+    assert r[1:4].tolist() == pytest.approx([math.exp(-3), 1.0, math.exp(3)], rel=1e-6)
+    assert r[4].item() == pytest.approx(math.exp(LOG_RATIO_BOUND), rel=1e-6)
+    r.sum().backward()
+    assert x.grad[0] == 0 and x.grad[4] == 0 and x.grad[5] == 0 and x.grad[2] == 1

@@ -166,3 +166,26 @@ def test_save_round_trip(tmp_path, tok):
                                                                           tok.vocab_size)
     ref = transformers.AutoTokenizer.from_pretrained(str(out))
     assert hf_render(ref, msgs, False) == tok.apply_chat_template(msgs, enable_thinking=False)
+
+
+@pytest.mark.parametrize("broken, text", [("tokenizer.json", '{"version": "1.0",'), ("tokenizer.json", "{}"),
+                                          ("tokenizer_config.json", "{'eos_token': 1}"),
+                                          ("tokenizer_config.json", "[]"), ("generation_config.json", "{")])
+def test_unreadable_files_name_the_file(tmp_path, broken, text):
+    d = make_folder(tmp_path, {})
+    (d / broken).write_text(text)
+    with pytest.raises(ValueError, match=str(d / broken)):
+        Tokenizer.from_pretrained(d)
+
+
+def test_template_syntax_error_names_the_file_and_line(tmp_path):
+    d = make_folder(tmp_path, {"chat_template": "{% for m in messages %}\n{{ m.content }\n{% endfor %}"})
+    with pytest.raises(ValueError, match=rf"{d / 'tokenizer_config.json'}: chat template syntax error at line 2"):
+        Tokenizer.from_pretrained(d).apply_chat_template([{"role": "user", "content": "hi"}])
+    (d / "chat_template.jinja").write_text("{% if %}")
+    with pytest.raises(ValueError, match=rf"{d / 'chat_template.jinja'}: chat template syntax error at line 1"):
+        Tokenizer.from_pretrained(d).apply_chat_template([{"role": "user", "content": "hi"}])
+    (tmp_path / "list").mkdir()
+    d2 = make_folder(tmp_path / "list", {"chat_template": [{"name": "default"}]})
+    with pytest.raises(ValueError, match="chat_template is a list"):
+        Tokenizer.from_pretrained(d2)

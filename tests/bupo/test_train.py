@@ -3,56 +3,24 @@ upper layers untouched in phase one, exact resume, HF export, clear errors."""
 
 import json
 import math
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import TIMING, strip_timing, train_args
 
 import models
 from bupo.config import load_config
 from bupo.train import main, run
 
-TIMING = {"time_rollout", "time_reward", "time_logprob", "time_update", "time_sync", "time_step", "tokens_per_s",
-          "peak_mem_gb"}
 REQUIRED = {"step", "phase", "reward_mean", "accuracy", "loss", "entropy", "grad_norm", "clip_frac", "approx_kl",
-            "response_len_mean", "truncated_frac"} | TIMING
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 4-layer random Llama saved as an HF folder with SmolLM2's tokenizer files."""
-    d = tmp_path_factory.mktemp("tiny")
-    tok_src = models.smollm2_path()
-    cfg = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-           "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True}
-    models.save_pretrained(models.build_model(cfg, seed=0), d)
-    for f in tok_src.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            shutil.copy(f, d / f.name)
-    return d
-
-
-def _args(model: Path, out: Path, steps: int, **extra) -> list[str]:
-    base = {"model.path": model, "trainer.out_dir": out, "trainer.total_steps": steps, "trainer.seed": 3,
-            "trainer.save_every": 2, "data.train_files": "arithmetic", "data.arithmetic_size": 64,
-            "data.batch_size": 2, "algo.ppo_mini_batch_size": 1, "rollout.n": 2, "rollout.max_new_tokens": 6,
-            "bupo.internal_layer": 1, "bupo.iterative_steps": 2, "optim.lr": 1e-3, "trainer.plot": "false",
-            "trainer.threads": 1}
-    base.update(extra)
-    return [f"--{k}={v}" for k, v in base.items()]
-
-
-def _strip(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+            "response_len_mean", "truncated_frac", "nonfinite_skipped"} | TIMING
 
 
 @pytest.fixture(scope="module")
 def straight(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    return out, run(load_config(_args(tiny_model, out, 4)))
+    return out, run(load_config(train_args(tiny_model, out, 4)))
 
 
 def test_metrics_contract_and_phase_switch(straight):
@@ -70,10 +38,10 @@ def test_metrics_contract_and_phase_switch(straight):
 def test_resume_equals_no_resume(tiny_model, tmp_path, straight):
     out_a, rec_a = straight
     out_b = tmp_path / "b"
-    run(load_config(_args(tiny_model, out_b, 2)))  # stops after the step-2 checkpoint
+    run(load_config(train_args(tiny_model, out_b, 2)))  # stops after the step-2 checkpoint
     assert (out_b / "checkpoints" / "step_000002").is_dir()
-    rec_b = run(load_config(_args(tiny_model, out_b, 4)))  # resumes at step 3
-    assert _strip(rec_b) == _strip(rec_a)
+    rec_b = run(load_config(train_args(tiny_model, out_b, 4)))  # resumes at step 3
+    assert strip_timing(rec_b) == strip_timing(rec_a)
     wa, wb = load_file(out_a / "final" / "model.safetensors"), load_file(out_b / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -104,7 +72,7 @@ def test_export_loads_in_transformers(straight, tiny_model):
 
 def test_phase_one_only_keeps_upper_layers_bit_identical(tiny_model, tmp_path):
     out = tmp_path / "p1"
-    run(load_config(_args(tiny_model, out, 2)))
+    run(load_config(train_args(tiny_model, out, 2)))
     init = dict(models.load_pretrained(tiny_model).named_parameters())
     after = dict(models.load_pretrained(out / "final").named_parameters())
     for n, p in init.items():
@@ -120,7 +88,7 @@ def test_phase_one_only_keeps_upper_layers_bit_identical(tiny_model, tmp_path):
 ])
 def test_bad_config_exits_with_field_name(tiny_model, tmp_path, capsys, override, field):
     with pytest.raises(SystemExit) as e:
-        main(_args(tiny_model, tmp_path / "bad", 4) + [override])
+        main(train_args(tiny_model, tmp_path / "bad", 4) + [override])
     assert field in str(e.value)
 
 
@@ -137,10 +105,10 @@ def test_liger_hooks_go_on_policy_sampler_and_reference(tiny_model, tmp_path, mo
 
     monkeypatch.setattr(train_mod, "resolve_liger", lambda mode, device: mode == "auto")
     monkeypatch.setattr(train_mod, "use_liger", record)
-    run(load_config(_args(tiny_model, tmp_path / "l", 1, **{"algo.kl_coef": 0.01, "bupo.iterative_steps": 1})))
+    run(load_config(train_args(tiny_model, tmp_path / "l", 1, **{"algo.kl_coef": 0.01, "bupo.iterative_steps": 1})))
     assert len(seen) == 3 and len({id(m) for m in seen}) == 3  # policy, built-in sampler's copy, reference
     seen.clear()
-    run(load_config(_args(tiny_model, tmp_path / "off", 1, **{"model.liger": "off", "bupo.iterative_steps": 1})))
+    run(load_config(train_args(tiny_model, tmp_path / "off", 1, **{"model.liger": "off", "bupo.iterative_steps": 1})))
     assert seen == []
 
 
@@ -153,7 +121,7 @@ def test_layer_diagnostics_step_is_the_token_mean_over_packed_responses(tiny_mod
 
     model = models.load_pretrained(tiny_model)
     cfg = load_config(["--trainer.diag_seqs=2", "--rollout.temperature=0.8"])
-    seqs = [Seq([5, 9, 31], [7, 8, 2, 6]), Seq([11], [3, 4]), Seq([1, 2], [3])]  # the third is beyond diag_seqs
+    seqs = [Seq([5, 9, 31], [7, 8, 2, 6]), Seq([11], [3, 4])]  # the caller picks the step's first diag_seqs
     got = layer_diagnostics_step(cfg, model, seqs, 1, DistInfo(0, 1, 0, torch.device("cpu")), vocab_size=40000)
     assert set(got) == {"diag/cos_final", "diag/kl_final", "diag/cos_l2", "diag/kl_l2", "diag/cos_l3", "diag/kl_l3"}
     parts = []
@@ -175,7 +143,7 @@ def test_layer_diagnostics_step_is_the_token_mean_over_packed_responses(tiny_mod
     (1, 2, [True, True]),  # step 1 is phase one: layers above k are first gathered by the diagnostics themselves
 ])
 def test_diagnostics_are_logged_every_diag_every_steps(tiny_model, tmp_path, every, steps, logged):
-    records = run(load_config(_args(tiny_model, tmp_path / "d", steps, **{"trainer.diag_every": every,
+    records = run(load_config(train_args(tiny_model, tmp_path / "d", steps, **{"trainer.diag_every": every,
                                                                           "bupo.iterative_steps": 1})))
     assert ["diag/kl_final" in r for r in records] == logged
     for r in records:
@@ -193,12 +161,44 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 def test_rerun_with_other_settings_into_a_checkpointed_dir_is_refused(tiny_model, straight):
     out, _ = straight
     with pytest.raises(SystemExit) as e:
-        main(_args(tiny_model, out, 6, **{"bupo.iterative_steps": 0}))
+        main(train_args(tiny_model, out, 6, **{"bupo.iterative_steps": 0}))
     assert "bupo.iterative_steps: 2 -> 0" in str(e.value)
 
 
 def test_a_failed_run_leaves_no_process_group(tiny_model, tmp_path):
     import torch.distributed as dist
     with pytest.raises(SystemExit):
-        main(_args(tiny_model, tmp_path / "pg", 4, **{"bupo.internal_layer": 9}))
+        main(train_args(tiny_model, tmp_path / "pg", 4, **{"bupo.internal_layer": 9}))
     assert not dist.is_initialized()
+
+
+def test_zero_variance_filter_when_every_group_is_filtered(tiny_model, tmp_path):
+    """The random model never solves a problem, so every group has equal rewards and the filter drops them all:
+    the run completes, logs the usual keys (NaN token means: nothing was trained on) and leaves the weights alone."""
+    out = tmp_path / "zv"
+    records = run(load_config(train_args(tiny_model, out, 2, **{"algo.filter_zero_variance": "true",
+                                                           "optim.weight_decay": 0.1})))
+    assert [r["zero_var_frac"] for r in records] == [1.0, 1.0]
+    for r in records:
+        assert REQUIRED <= r.keys(), REQUIRED - r.keys()
+        assert math.isnan(r["loss"]) and math.isnan(r["grad_norm"]) and r["nonfinite_skipped"] == 0
+    before = load_file(tiny_model / "model.safetensors")
+    after = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no optimizer step: not even weight decay
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tiny_model, tmp_path, monkeypatch):
+    import bupo.train as train
+
+    real = train.update_policy
+
+    def poisoned(*args, **kwargs):
+        m = real(*args, **kwargs)
+        return {**m, "nonfinite_skipped": 1.0}
+
+    monkeypatch.setattr(train, "update_policy", poisoned)
+    out = tmp_path / "nf"
+    with pytest.raises(FloatingPointError, match="2 steps in a row.*optim.max_nonfinite_steps=2"):
+        run(load_config(train_args(tiny_model, out, 4, **{"optim.max_nonfinite_steps": 2})))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in lines] == [1, 1]  # both steps logged before the stop

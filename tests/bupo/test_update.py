@@ -25,13 +25,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out: Path, layer: str, nproc: int) -> dict:
+def _run(out: Path, layer: str, nproc: int, *mode: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if nproc == 1:
-        cmd = [sys.executable, str(WORKER), str(out), layer]
+        cmd = [sys.executable, str(WORKER), str(out), layer, *mode]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", str(WORKER), str(out), layer]
+               f"--master_port={_free_port()}", str(WORKER), str(out), layer, *mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return load_file(out)
@@ -40,6 +40,7 @@ def _run(out: Path, layer: str, nproc: int) -> dict:
 def _initial() -> dict:
     sys.path.insert(0, str(HERE))
     import dist_update_worker as w
+
     import models
     torch.manual_seed(0)
     return dict(models.build_model(w.TINY).named_parameters())
@@ -57,6 +58,116 @@ def test_two_processes_equal_one(runs, layer):
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("layer", ["1", "full"])
+def test_two_processes_give_the_gradient_of_one(tmp_path, layer):
+    """Plain SGD without clipping: the weight change is -lr x the gradient, so this compares gradients 2 processes
+    against 1 (torch 2.8's FSDP2 on gloo summed them, which AdamW and the clip hid almost entirely)."""
+    one = _run(tmp_path / "s1.safetensors", layer, 1, "sgd")
+    two = _run(tmp_path / "s2.safetensors", layer, 2, "sgd")
+    init = {n: p.detach() for n, p in _initial().items()}
+    assert any(not torch.equal(one[n], init[n]) for n in one)
+    for name in one:
+        torch.testing.assert_close(two[name] - init[name], one[name] - init[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _metadata(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return {k: float(v) for k, v in f.metadata().items()}
+
+
+def test_a_fully_filtered_rank_equals_one_process(tmp_path):
+    """Zero-variance filtering leaves rank 1 with no active sequence: same metric keys on both ranks (no mismatched
+    all-reduce), and the same update and metrics as one process on the same batch."""
+    one = _run(tmp_path / "f1.safetensors", "full", 1, "filter")
+    two = _run(tmp_path / "f2.safetensors", "full", 2, "filter")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    m1, m2 = _metadata(tmp_path / "f1.safetensors"), _metadata(tmp_path / "f2.safetensors")
+    assert m1.keys() == m2.keys() and {"loss", "entropy", "clip_frac", "approx_kl", "grad_norm"} <= m1.keys()
+    for key in m1:
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7, nan_ok=True), key
+
+
+def _tiny_setup(lr: float = 1e-2):
+    sys.path.insert(0, str(HERE))
+    import dist_update_worker as w
+
+    import models
+    from bupo import checkpoint, parallel
+
+    info = parallel.init_distributed("cpu")
+    model = models.build_model(w.TINY, seed=0)
+    parallel.apply_fsdp(model, info)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    checkpoint.init_adamw_state(opt)
+    return w, info, model, opt
+
+
+def _update(model, opt, seqs, info, **kw):
+    from bupo.update import update_policy
+    args = dict(info=info, layer=None, norm=False, temperature=1.0, mini_batches=1, token_budget=64,
+                clip_low=0.2, clip_high=0.2, dual_clip=10.0, grad_clip=1.0)
+    return update_policy(model, opt, seqs, **{**args, **kw})
+
+
+def _snapshot(model, opt) -> tuple[dict, dict]:
+    from bupo.parallel import full_tensor
+    weights = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
+    state = {n: {k: full_tensor(v).clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    return weights, state
+
+
+@pytest.mark.parametrize("poison", ["nan_old_logp", "inf_advantage", "nan_advantage"])
+def test_a_non_finite_step_is_skipped_without_touching_weights_or_adamw(poison):
+    """One bad token makes the loss or gradient non-finite: the optimizer step is skipped and counted, and neither
+    the weights nor the AdamW moments and step counts change; a clean batch afterwards still trains."""
+    from bupo import parallel
+    w, info, model, opt = _tiny_setup()
+    try:
+        seqs = w.batch()
+        bad = seqs[3]
+        if poison == "nan_old_logp":
+            for s in seqs:
+                s.old_logp = torch.zeros(len(s.response_ids)) - 2.0
+            bad.old_logp[1] = float("nan")
+        else:
+            bad.advantage = float("inf") if poison == "inf_advantage" else float("nan")
+        before = _snapshot(model, opt)
+        m = _update(model, opt, seqs, info)
+        assert m["nonfinite_skipped"] == 1 and m["updates"] == 0
+        after = _snapshot(model, opt)
+        for name in before[0]:
+            assert torch.equal(before[0][name], after[0][name]), name
+            for k in before[1][name]:
+                assert torch.equal(before[1][name][k], after[1][name][k]), (name, k)
+        assert all(p.grad is None for p in model.parameters())
+        m = _update(model, opt, w.batch(), info)
+        assert m["nonfinite_skipped"] == 0 and m["updates"] == 1
+        assert all(torch.isfinite(p.detach().full_tensor()).all() for p in model.parameters())
+    finally:
+        parallel.destroy()
+
+
+def test_a_log_ratio_of_100_nats_gives_finite_weights():
+    """The issue's case inside the update: a token whose old log-prob is 100 nats below the new one (clipped, so
+    its gradient is 0) next to ordinary tokens: the step is taken and every weight stays finite."""
+    from bupo import parallel
+    w, info, model, opt = _tiny_setup()
+    try:
+        seqs = w.batch()
+        from bupo.update import compute_logprobs
+        olds = compute_logprobs(model, seqs, layer=None, norm=False, temperature=1.0, token_budget=64)
+        for s, lp in zip(seqs, olds):
+            s.old_logp = lp.clone()
+        seqs[0].old_logp[0] -= 100.0
+        seqs[0].advantage = 1.0
+        m = _update(model, opt, seqs, info)
+        assert m["nonfinite_skipped"] == 0 and m["updates"] == 1 and m["grad_norm"] > 0
+        assert all(torch.isfinite(p.detach().full_tensor()).all() for p in model.parameters())
+    finally:
+        parallel.destroy()
 
 
 def test_phase_one_touches_only_layers_up_to_k(runs):
@@ -115,3 +226,25 @@ def test_policy_logprobs_over_the_real_vocabulary_only():
         assert g[V:].abs().max() == 0 and g[:V].abs().max() > 0
     full, _ = policy_logprobs(model, packed, layer=None)
     assert not torch.allclose(full, policy_logprobs(model, packed, layer=None, vocab_size=V)[0])
+
+
+def test_no_grad_passes_leave_the_fp32_shards_in_place():
+    """The root unit stays gathered after a forward (for the head): a no-grad pass (old log-probs, diagnostics)
+    must not leave the gathered bf16 weights where model.parameters() finds them, or the next checkpoint, weight
+    sync or optimizer would read them."""
+    sys.path.insert(0, str(HERE))
+    import dist_update_worker as w
+
+    import models
+    from bupo import parallel
+    from bupo.update import compute_logprobs
+
+    info = parallel.init_distributed("cpu")
+    try:
+        model = models.build_model(w.TINY, seed=0)
+        parallel.apply_fsdp(model, info, param_dtype=torch.bfloat16)
+        compute_logprobs(model, w.batch(), layer=None, norm=False, temperature=1.0, token_budget=64)
+        kinds = {(type(p).__name__, p.dtype) for p in model.parameters()}
+        assert kinds == {("DTensor", torch.float32)}, kinds
+    finally:
+        parallel.destroy()

@@ -14,8 +14,15 @@ import torch.distributed as dist
 
 import models
 from bupo import parallel
-from bupo.weight_sync import (chunk_by_bytes, iter_full_tensors, layer_of, plan_buckets, sync_names, tensor_bytes,
-                              vllm_names)
+from bupo.weight_sync import (
+    chunk_by_bytes,
+    iter_full_tensors,
+    layer_of,
+    plan_buckets,
+    sync_names,
+    tensor_bytes,
+    vllm_names,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,

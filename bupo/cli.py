@@ -1,0 +1,133 @@
+"""How a command ends: a user error is one `error: ...` line and exit code 1; a bug keeps its traceback.
+
+    if __name__ == "__main__":
+        run_main(main)                                   # every entry point (bupo.train calls it inside main)
+    python -m bupo.cli [torchrun options] -m bupo.train ...   # torchrun whose failure ends on the rank's error line
+
+User errors are what bad input raises: ValueError (json, TOML, Unicode and most pyarrow errors are ValueErrors),
+OSError (a file or folder missing, existing, of the wrong kind or unreadable), ImportError (an optional package not
+installed), FloatingPointError (the trainer stopping after optim.max_nonfinite_steps non-finite steps in a row),
+jinja2's TemplateError, safetensors' SafetensorError, pyarrow's ArrowException, and Ctrl-C (exit 130).
+The loaders turn the failures they can foresee into ValueErrors naming the flag, file, row or field; the other
+types are listed here so an unforeseen one still ends in one line. Anything else (AssertionError, RuntimeError,
+TypeError, KeyError, ...) is a bug and keeps its traceback. BUPO_TRACEBACK=1 keeps the traceback of every error.
+
+Under torchrun (RANK set): rank 0 prints the line; every rank writes it to torchrun's error file
+(TORCHELASTIC_ERROR_FILE), from which `python -m bupo.cli` (what launch/train.sh runs) prints the first failed
+rank's line last, in place of torchrun's ChildFailedError report. A rank > 0 without an error file prints the line
+prefixed with its rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NoReturn, TypeVar
+
+T = TypeVar("T")
+# (module, exception base) of the file-format libraries; a library that was never imported raised nothing.
+_LIBRARY_ERRORS = (("jinja2", "TemplateError"), ("safetensors", "SafetensorError"), ("pyarrow", "ArrowException"))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that end a command in one line (evaluated when an error is caught)."""
+    found = [ValueError, OSError, ImportError, FloatingPointError]
+    for module, name in _LIBRARY_ERRORS:
+        if module in sys.modules and hasattr(sys.modules[module], name):
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
+def describe(e: BaseException) -> str:
+    """One line for a user error: an OSError as '<file>: <reason>', a library's error prefixed with its type."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}" + (f" (and {e.filename2})" if e.filename2 is not None else "")
+    else:
+        text = str(e) or type(e).__name__
+        if type(e).__module__ != "builtins":  # JSONDecodeError, TemplateSyntaxError, SafetensorError, ...
+            text = f"{type(e).__name__}: {text}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get("BUPO_TRACEBACK", "") not in ("", "0")
+
+
+def _write_error_file(path: str, message: str) -> None:
+    # The layout torch.distributed.elastic's ErrorHandler writes; torchrun reads "message" back into its report.
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                           "timestamp": str(int(time.time()))}}}
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """End the process with `error: <message>` (once per torchrun job, see the module docstring)."""
+    rank, error_file = os.environ.get("RANK", "0"), os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        _write_error_file(error_file, message)
+    if rank != "0":
+        if error_file:
+            raise SystemExit(code)  # the launcher prints it from the error file
+        message = f"rank {rank}: {message}"
+    if code == 1:
+        raise SystemExit(f"error: {message}")  # printed to stderr by the interpreter; exit code 1
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def run_main(main: Callable[..., T], *args: object) -> T:
+    """`main(*args)`; a user error becomes one `error: ...` line (SystemExit), a bug propagates."""
+    try:
+        return main(*args)
+    except KeyboardInterrupt:
+        if _traceback_wanted():
+            raise
+        fail("interrupted", code=130)
+    except user_errors() as e:
+        if _traceback_wanted():
+            raise
+        fail(describe(e))
+
+
+def check_out_dir(path: str | os.PathLike, flag: str) -> None:
+    """An output folder given as `flag` is a folder or can be made one: no file in the way, writable."""
+    want = Path(path)
+    existing = next((p for p in (want, *want.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        what = "is a file" if existing == want else f"cannot be created: {existing} is a file"
+        raise ValueError(f"{flag}={str(path)!r} {what}, not a folder; give a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}={str(path)!r}: {existing} is not writable")
+
+
+def torchrun(argv: list[str] | None = None) -> None:
+    """torchrun (same options); a failed worker ends the output with its own error line instead of torchrun's
+    report: `error: rank R: <message>` from the rank's error file, else its exit code or signal."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: torchrun has already stopped the ranks
+        if _traceback_wanted():
+            raise
+        fail(f"interrupted by {e.sigval.name}; the ranks were stopped", code=128 + int(e.sigval))
+    except ChildFailedError as e:
+        if _traceback_wanted():
+            raise
+        rank, f = e.get_first_failure()
+        if isinstance(f.message, dict) and f.message.get("message"):
+            fail(f"rank {rank}: {f.message['message']}", code=f.exitcode if f.exitcode > 0 else 1)
+        if f.exitcode < 0:
+            fail(f"rank {rank} was killed by {f.signal_name()} before it could write an error line",
+                 code=128 - f.exitcode)
+        fail(f"rank {rank} failed with exit code {f.exitcode}; its traceback is above", code=f.exitcode)
+
+
+if __name__ == "__main__":
+    torchrun()

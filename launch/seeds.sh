@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The CPU demo's claim over seeds: GRPO, BuPO (pi^8, raw residual) and BuPO with the normed internal policy, each
+# with seeds 0, 1 and 2 (the demo's settings otherwise), then `python -m evals.compare` over the nine runs.
+# Runs two at a time, one thread each (on 2 cores as fast as one run with two threads). A finished run is skipped,
+# so an interrupted sweep continues where it stopped (an unfinished run resumes from its checkpoint).
+# Usage: bash launch/seeds.sh [OUT_ROOT]     (default runs/seeds; each run's log is OUT_ROOT/<name>_s<seed>.log)
+set -euo pipefail
+BUPO_EXTRAS=demo . "$(dirname "$0")/env.sh"
+export SEEDS_ROOT="${1:-runs/seeds}"
+mkdir -p "$SEEDS_ROOT"
+run() {  # name seed overrides...
+    local name=$1 seed=$2 out="$SEEDS_ROOT/$1_s$2"
+    shift 2
+    if [ -f "$out/final/model.safetensors" ]; then echo "[seeds] $out: already done"; return; fi
+    echo "[seeds] $out: start $(date -u +%H:%M:%S)"
+    local t0=$SECONDS
+    python -m bupo.train --config launch/configs/cpu_demo.toml --trainer.seed="$seed" --trainer.out_dir="$out" \
+        --trainer.threads=1 "$@" > "$out.log" 2>&1 || { echo "[seeds] $out: FAILED (see $out.log)"; return 1; }
+    echo "[seeds] $out: done in $((SECONDS - t0)) s"
+}
+export -f run
+for s in 0 1 2; do
+    printf 'grpo %s --bupo.iterative_steps=0\nbupo %s\nbupo_norm %s --bupo.norm=true\n' "$s" "$s" "$s"
+done | xargs -P 2 -L 1 bash -c 'run "$@"' _
+python -m evals.compare "$SEEDS_ROOT"/grpo_s* "$SEEDS_ROOT"/bupo_s* "$SEEDS_ROOT"/bupo_norm_s* --window 5 \
+    --out "$SEEDS_ROOT/compare"

@@ -1,0 +1,435 @@
+"""Every user error of every entry point ends in one `error: ...` line naming the field, file or row, exit code 1;
+bugs keep their traceback; torchrun failures end on the rank's line (bupo.cli)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jinja2
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bupo import cli
+from bupo.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _copy(model: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    shutil.copytree(model, d)
+    return d
+
+
+def _parquet(path: Path, prompts: list) -> Path:
+    pq.write_table(pa.table({"prompt": prompts, "reward_model": [{"ground_truth": "4"}] * len(prompts)}), path)
+    return path
+
+
+def _one_line(message: str) -> str:
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+# --- the trainer: one case per kind of user error; each returns (extra args, words the line must hold)
+
+def out_dir_is_a_file(model, tmp):
+    (tmp / "f").write_text("x")
+    return [f"--trainer.out_dir={tmp / 'f'}"], ["trainer.out_dir", str(tmp / "f"), "is a file"]
+
+
+def out_dir_below_a_file(model, tmp):
+    (tmp / "f").write_text("x")
+    return [f"--trainer.out_dir={tmp / 'f' / 'run'}"], ["trainer.out_dir", "is a file"]
+
+
+def template_syntax_error(model, tmp):
+    return ["--data.chat_template={% if %}"], ["data.chat_template", "line 1"]
+
+
+def template_unknown_filter(model, tmp):
+    return ["--data.chat_template={{ messages | no_such_filter }}"], ["data.chat_template", "no_such_filter"]
+
+
+def template_fails_on_a_row(model, tmp):
+    return ["--data.chat_template={{ raise_exception('no system turns') }}"], ["row 0", "no system turns"]
+
+
+def truncated_safetensors(model, tmp):
+    d = _copy(model, tmp)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return [f"--model.path={d}"], [str(d / "model.safetensors"), "truncated"]
+
+
+def empty_safetensors(model, tmp):
+    d = _copy(model, tmp)
+    (d / "model.safetensors").write_bytes(b"")
+    return [f"--model.path={d}"], [str(d / "model.safetensors")]
+
+
+def index_lists_a_missing_shard(model, tmp):
+    d = _copy(model, tmp)
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    weight_map = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                  "model.norm.weight": "model-00002-of-00002.safetensors"}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return [f"--model.path={d}"], ["model.safetensors.index.json", "model-00002-of-00002.safetensors"]
+
+
+def tokenizer_json_not_json(model, tmp):
+    d = _copy(model, tmp)
+    (d / "tokenizer.json").write_text('{"version": "1.0", ')
+    return [f"--model.path={d}"], [str(d / "tokenizer.json")]
+
+
+def tokenizer_config_not_json(model, tmp):
+    d = _copy(model, tmp)
+    (d / "tokenizer_config.json").write_text("{'eos_token': '<|im_end|>'}")
+    return [f"--model.path={d}"], [str(d / "tokenizer_config.json"), "JSON"]
+
+
+def config_json_not_json(model, tmp):
+    d = _copy(model, tmp)
+    (d / "config.json").write_text('{"model_type": "llama",')
+    return [f"--model.path={d}"], [str(d / "config.json"), "JSON"]
+
+
+def config_json_wrong_type(model, tmp):
+    d = _copy(model, tmp)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": "four"}))
+    return [f"--model.path={d}"], [str(d / "config.json")]
+
+
+def prompt_column_of_ints(model, tmp):
+    f = _parquet(tmp / "ints.parquet", [7, 8])
+    return [f"--data.train_files={f}"], [str(f), "row 0", "prompt", "int"]
+
+
+def prompt_column_of_floats(model, tmp):
+    f = _parquet(tmp / "floats.parquet", [1.5])
+    return [f"--data.train_files={f}"], [str(f), "row 0", "prompt", "float"]
+
+
+def not_a_parquet_file(model, tmp):
+    (tmp / "data.parquet").write_text("prompt,answer\n2+2,4\n")
+    return [f"--data.train_files={tmp / 'data.parquet'}"], [str(tmp / "data.parquet"), "parquet"]
+
+
+def truncated_parquet(model, tmp):
+    f = _parquet(tmp / "cut.parquet", ["What is 2+2?"] * 20)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 12])
+    return [f"--data.train_files={f}"], [str(f)]
+
+
+def toml_syntax_error(model, tmp):
+    (tmp / "run.toml").write_text("[trainer]\ntotal_steps = \n")
+    return ["--config", str(tmp / "run.toml")], [str(tmp / "run.toml"), "TOML"]
+
+
+def toml_list_of_numbers(model, tmp):
+    (tmp / "run.toml").write_text("[data]\ntrain_files = [1, 2]\n")
+    return ["--config", str(tmp / "run.toml")], ["data.train_files", str(tmp / "run.toml")]
+
+
+def unbalanced_list_override(model, tmp):
+    return ["--data.train_files=[arithmetic"], ["--data.train_files", "[arithmetic"]
+
+
+def missing_dataset(model, tmp):
+    return ["--data.train_files=arithmetic,missing.parquet"], ["missing.parquet"]
+
+
+TRAINER_CASES = [out_dir_is_a_file, out_dir_below_a_file, template_syntax_error, template_unknown_filter,
+                 template_fails_on_a_row, truncated_safetensors, empty_safetensors, index_lists_a_missing_shard,
+                 tokenizer_json_not_json, tokenizer_config_not_json, config_json_not_json, config_json_wrong_type,
+                 prompt_column_of_ints, prompt_column_of_floats, not_a_parquet_file, truncated_parquet,
+                 toml_syntax_error, toml_list_of_numbers, unbalanced_list_override, missing_dataset]
+
+
+@pytest.mark.parametrize("case", TRAINER_CASES, ids=lambda c: c.__name__)
+def test_trainer_user_errors_are_one_line_naming_the_culprit(tiny_model, tmp_path, case):
+    extra, needles = case(tiny_model, tmp_path)
+    base = [f"--model.path={tiny_model}", f"--trainer.out_dir={tmp_path / 'out'}", "--trainer.device=cpu",
+            "--data.train_files=arithmetic", "--data.arithmetic_size=4", "--data.batch_size=2",
+            "--algo.ppo_mini_batch_size=2", "--rollout.n=2", "--bupo.internal_layer=1", "--bupo.iterative_steps=0",
+            "--trainer.total_steps=1", "--trainer.export=false", "--trainer.plot=false"]
+    with pytest.raises(SystemExit) as e:
+        train_main(base + extra)
+    line = _one_line(str(e.value))
+    for needle in needles:
+        assert needle in line, (needle, line)
+
+
+# --- every entry point, as a process: the last stderr line is the error, exit code 1, no traceback
+
+def _run(args: list[str], env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("BUPO_TRACEBACK", "RANK", "TORCHELASTIC_ERROR_FILE")}
+    return subprocess.run(args, cwd=ROOT, env={**full, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, needles: list[str]) -> None:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
+def test_train_module_ends_in_one_line_and_traceback_on_request(tiny_model, tmp_path):
+    (tmp_path / "f").write_text("x")
+    args = [sys.executable, "-m", "bupo.train", f"--model.path={tiny_model}", f"--trainer.out_dir={tmp_path / 'f'}"]
+    _assert_one_line_error(_run(args), ["trainer.out_dir"])
+    shown = _run(args, env={"BUPO_TRACEBACK": "1"})
+    assert shown.returncode != 0 and "Traceback" in shown.stderr and "ValueError: trainer.out_dir" in shown.stderr
+
+
+ENTRY_POINT_CASES = {  # module and arguments ({model}, {tmp} filled in), words the error line must hold
+    "entropy_flow-samples": (["evals.entropy_flow", "--model", "{model}", "--samples", "{tmp}/missing.jsonl", "--out",
+                              "{tmp}/ef"], ["--samples", "missing.jsonl"]),
+    "entropy_flow-device": (["evals.entropy_flow", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/ef",
+                             "--device", "cuda:99"], ["--device", "cuda:99"]),
+    "entropy_flow-out": (["evals.entropy_flow", "--model", "{model}", "--data", "arithmetic", "--out",
+                          "{tmp}/ints.parquet"], ["--out", "is a file"]),
+    "passk-prompt-ints": (["evals.passk", "--model", "{model}", "--data", "{tmp}/ints.parquet", "--out", "{tmp}/pk",
+                           "--engine", "builtin"], ["ints.parquet", "row 0", "prompt"]),
+    "passk-template-missing": (["evals.passk", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/pk",
+                                "--chat-template", "{tmp}/none.jinja"], ["--chat-template", "none.jinja"]),
+    "passk-template-syntax": (["evals.passk", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/pk",
+                               "--chat-template", "{tmp}/bad.jinja"], ["--chat-template", "bad.jinja", "line 1"]),
+    "passk-out": (["evals.passk", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/ints.parquet"],
+                  ["--out", "is a file"]),
+    "passk-model-not-json": (["evals.passk", "--model", "{tmp}/model", "--data", "arithmetic", "--out", "{tmp}/pk"],
+                             ["config.json"]),
+    "bench_step": (["bupo.bench_step", "--k", "99"], ["--k=99"]),
+    "bench_step-device": (["bupo.bench_step", "--device", "cuda"] if not torch.cuda.is_available() else
+                          ["bupo.bench_step", "--repeats", "0"], ["--"]),
+    "bench_rollout": (["bupo.bench_rollout", "--n", "0"], ["--n"]),
+    "bench_rollout-csv": (["bupo.bench_rollout", "--csv", "{tmp}/ints.parquet/rows.csv"], ["--csv"]),
+    "kernels.bench": (["kernels.bench", "--tokens", "0"], ["--tokens=0"]),
+    "kernels.bench-csv": (["kernels.bench", "--csv", "{tmp}/ints.parquet/out.csv"], ["--csv"]),
+}
+# One process per entry point checks the `__main__` wiring; the other cases run main() under run_main in-process.
+AS_PROCESS = ("entropy_flow-samples", "passk-prompt-ints", "bench_step", "bench_rollout", "kernels.bench")
+
+
+def _entry_point_args(tiny_model: Path, tmp_path: Path, case: str) -> tuple[list[str], list[str]]:
+    _parquet(tmp_path / "ints.parquet", [7])
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}")
+    shutil.copytree(tiny_model, tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text("{")
+    command, needles = ENTRY_POINT_CASES[case]
+    return [a.format(model=tiny_model, tmp=tmp_path) for a in command], needles
+
+
+@pytest.mark.parametrize("case", AS_PROCESS)
+def test_entry_points_end_in_one_line(tiny_model, tmp_path, case):
+    args, needles = _entry_point_args(tiny_model, tmp_path, case)
+    _assert_one_line_error(_run([sys.executable, "-m", *args]), needles)
+
+
+@pytest.mark.parametrize("case", sorted(set(ENTRY_POINT_CASES) - set(AS_PROCESS)))
+def test_entry_point_mains_end_in_one_line(tiny_model, tmp_path, monkeypatch, case):
+    import importlib
+
+    monkeypatch.delenv("BUPO_TRACEBACK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    args, needles = _entry_point_args(tiny_model, tmp_path, case)
+    main = importlib.import_module(args[0]).main
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(main, args[1:])
+    line = _one_line(str(e.value))
+    for needle in needles:
+        assert needle in line, (needle, line)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the config's CUDA device exists here")
+def test_train_sh_single_process_needs_no_torchrun():
+    proc = _run(["bash", "launch/train.sh", "--config", "launch/configs/debug_1gpu.toml"],
+                env={"NPROC_PER_NODE": "1", "NNODES": "1"})
+    _assert_one_line_error(proc, ["trainer.device='cuda'"])
+    assert "torchrun" not in proc.stderr and "ChildFailedError" not in proc.stderr
+
+
+def test_train_sh_several_processes_end_on_the_rank_error(tiny_model, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a free port for torchrun's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "f").write_text("x")
+    proc = _run(["bash", "launch/train.sh", f"--model.path={tiny_model}", f"--trainer.out_dir={tmp_path / 'f'}",
+                 "--trainer.device=cpu"], env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(port)}, timeout=300)
+    _assert_one_line_error(proc, ["rank ", "trainer.out_dir", "is a file"])
+    assert "ChildFailedError" not in proc.stderr and "Root Cause" not in proc.stderr
+
+
+def test_train_sh_checks_its_environment():
+    proc = _run(["bash", "launch/train.sh"], env={"NPROC_PER_NODE": "two"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: NPROC_PER_NODE=two")
+
+
+# --- bupo.cli: which errors are user errors, the line, ranks, torchrun
+
+def _raiser(exc: BaseException):
+    def fn():
+        raise exc
+    return fn
+
+
+def _caught(fn) -> BaseException:
+    """The exception `fn()` raises (a real one, with the library's own message)."""
+    with pytest.raises(Exception) as info:
+        fn()
+    return info.value
+
+
+def _bad_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    (tmp_path / "w.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    return _caught(lambda: safe_open(tmp_path / "w.safetensors", framework="pt"))
+
+
+USER_ERRORS = {
+    "value": (lambda tmp: ValueError("data.batch_size=3: bad\n  second line"), "data.batch_size=3: bad second line"),
+    "file_not_found": (lambda tmp: _caught(lambda: open(tmp / "nope.jsonl")), "nope.jsonl: No such file"),
+    "file_exists": (lambda tmp: _caught(lambda: (tmp / "f").mkdir() or (tmp / "f").mkdir()), "f: File exists"),
+    "is_a_directory": (lambda tmp: _caught(lambda: open(tmp)), "Is a directory"),
+    "not_a_directory": (lambda tmp: _caught(lambda: (tmp / "x").write_text("") or open(tmp / "x" / "y")),
+                        "Not a directory"),
+    "permission": (lambda tmp: PermissionError(13, "Permission denied", "/root/x"), "/root/x: Permission denied"),
+    "json": (lambda tmp: _caught(lambda: json.loads("{")), "JSONDecodeError"),
+    "toml": (lambda tmp: _caught(lambda: tomllib.loads("a = ")), "TOMLDecodeError"),
+    "unicode": (lambda tmp: _caught(lambda: b"\xff".decode()), "codec can't decode"),
+    "jinja_syntax": (lambda tmp: _caught(lambda: jinja2.Environment().from_string("{% if %}")),
+                     "TemplateSyntaxError"),
+    "jinja_undefined": (lambda tmp: _caught(lambda: jinja2.Environment(undefined=jinja2.StrictUndefined)
+                                            .from_string("{{ x }}").render()), "UndefinedError"),
+    "safetensors": (_bad_safetensors, "SafetensorError"),
+    "arrow": (lambda tmp: pa.lib.ArrowInvalid("bad parquet footer"), "ArrowInvalid: bad parquet footer"),
+    "arrow_type": (lambda tmp: pa.lib.ArrowTypeError("bad type"), "ArrowTypeError: bad type"),
+    "import": (lambda tmp: ModuleNotFoundError("No module named 'vllm'"), "No module named 'vllm'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(USER_ERRORS))
+def test_user_errors_become_one_line(tmp_path, monkeypatch, kind):
+    monkeypatch.delenv("BUPO_TRACEBACK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    make, needle = USER_ERRORS[kind]
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(_raiser(make(tmp_path)))
+    assert needle in _one_line(str(e.value))
+
+
+@pytest.mark.parametrize("exc", [AssertionError("invariant"), RuntimeError("CUDA error"), KeyError("k"),
+                                 TypeError("unsupported operand"), ZeroDivisionError("division by zero")],
+                         ids=lambda e: type(e).__name__)
+def test_bugs_keep_their_traceback(monkeypatch, exc):
+    monkeypatch.delenv("BUPO_TRACEBACK", raising=False)
+    with pytest.raises(type(exc)):
+        cli.run_main(_raiser(exc))
+
+
+def test_traceback_on_request_and_return_value(monkeypatch):
+    assert cli.run_main(lambda a, b: a + b, 2, 3) == 5
+    monkeypatch.setenv("BUPO_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="bad"):
+        cli.run_main(_raiser(ValueError("bad")))
+
+
+def test_ctrl_c_is_one_line_with_exit_code_130(monkeypatch, capsys):
+    monkeypatch.delenv("BUPO_TRACEBACK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(_raiser(KeyboardInterrupt()))
+    assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_ranks_under_torchrun_write_the_error_file_and_rank_0_prints(tmp_path, monkeypatch, capsys):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    monkeypatch.delenv("BUPO_TRACEBACK", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(_raiser(ValueError("data.train_files: bad")))
+    assert e.value.code == 1 and capsys.readouterr().err == ""  # torchrun's launcher reports it
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=1, error_file=str(tmp_path / "error.json"))
+    assert failure.message["message"] == "data.train_files: bad"
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match="^error: data.train_files: bad$"):
+        cli.run_main(_raiser(ValueError("data.train_files: bad")))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")  # another launcher: the rank says who it is
+    with pytest.raises(SystemExit, match="^error: rank 3: data.train_files: bad$"):
+        cli.run_main(_raiser(ValueError("data.train_files: bad")))
+
+
+@pytest.mark.parametrize("exitcode, write, line, code", [
+    (1, True, "error: rank 1: --data.train_files=x: bad", 1),
+    (1, False, "error: rank 1 failed with exit code 1; its traceback is above", 1),
+    (-9, False, "error: rank 1 was killed by SIGKILL before it could write an error line", 137),
+])
+def test_torchrun_wrapper_ends_on_the_failed_rank(tmp_path, monkeypatch, capsys, exitcode, write, line, code):
+    import torch.distributed.run as tdr
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    monkeypatch.delenv("BUPO_TRACEBACK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    error_file = tmp_path / "error.json"
+    if write:
+        cli._write_error_file(str(error_file), "--data.train_files=x: bad")
+
+    def fail(args):
+        assert args.nproc_per_node == "2" and args.training_script == "bupo.train"
+        failure = ProcessFailure(local_rank=1, pid=123, exitcode=exitcode, error_file=str(error_file))
+        raise ChildFailedError("bupo.train", {1: failure})
+
+    monkeypatch.setattr(tdr, "run", fail)
+    with pytest.raises(SystemExit) as e:
+        cli.torchrun(["--nproc-per-node=2", "-m", "bupo.train"])
+    if code == 1:  # the interpreter prints the SystemExit message and exits with 1
+        assert e.value.code == line
+    else:
+        assert e.value.code == code and capsys.readouterr().err == line + "\n"
+
+
+def test_torchrun_wrapper_ctrl_c_is_one_line(monkeypatch, capsys):
+    import signal
+
+    import torch.distributed.run as tdr
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    monkeypatch.delenv("BUPO_TRACEBACK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+
+    def interrupted(args):
+        raise SignalException("Process 1 got signal: 2", sigval=signal.SIGINT)
+
+    monkeypatch.setattr(tdr, "run", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.torchrun(["--nproc-per-node=2", "-m", "bupo.train"])
+    assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted by SIGINT; the ranks were stopped\n"
+
+
+def test_check_out_dir(tmp_path):
+    cli.check_out_dir(tmp_path / "new" / "run", "--out")
+    cli.check_out_dir(tmp_path, "--out")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"--out=.*f' is a file"):
+        cli.check_out_dir(tmp_path / "f", "--out")
+    with pytest.raises(ValueError, match=r"trainer\.out_dir=.*cannot be created: .*f is a file"):
+        cli.check_out_dir(tmp_path / "f" / "a" / "b", "trainer.out_dir")
