@@ -1,18 +1,34 @@
 """Run configuration: one stdlib dataclass per concern, a TOML run file, and `--section.field=value` overrides.
 
-Every default is the paper recipe for Qwen3-4B as the reference scripts run it (DESIGN.md section 1), so a run file
-only states what differs. `load_config(argv)` returns the resolved `Config`; `Config.validate(num_layers)` checks the
-values that need the model (the internal layer) once the model is known.
+Defaults: what defines the experiment (the algorithm, optimizer, data, sampling and length settings of [algo],
+[bupo], [optim], [data] and [rollout], trainer.total_steps) is the paper recipe for Qwen3-4B as the reference
+scripts run it (DESIGN.md section 1). What depends on the machine or is the run's bookkeeping (the model folder,
+devices, engines, memory and speed switches, logging, checkpoint and validation periods) defaults to something that
+runs anywhere and is set by the run files in launch/configs/. In particular model.path defaults to the packaged
+SmolLM2-135M-Instruct: the recipe's Qwen3-4B is a local folder, which launch/configs/bupo_qwen3_4b.toml names.
+`python -m bupo.train --help` lists every field with its type, its default and the comment next to it in this file
+(read from the source).
+
+`load_config(argv)` returns the resolved `Config`, checked as far as the values alone allow. `Config.validate` is
+the one place where values are checked: the trainer calls it again with the model's layer count and vocabulary,
+the tokenizer's vocabulary and the world size once those are known. A renamed key (`RENAMED`) still reads under
+its old name, with a FutureWarning naming the new one.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +37,9 @@ from bupo.cli import check_out_dir
 
 @dataclass
 class ModelConfig:
+    """The policy model and how it is computed."""
+
+    # the default runs anywhere; the recipe's model is a local folder (Qwen3-4B: launch/configs/bupo_qwen3_4b.toml)
     path: str = "smollm2"  # HF folder (config.json + safetensors), or "smollm2": the packaged SmolLM2-135M-Instruct
     dtype: str = "bfloat16"  # compute dtype on CUDA (master weights stay fp32); CPU always computes in float32
     activation_checkpointing: bool = False  # keep only each decoder layer's input, recompute it in backward
@@ -30,8 +49,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """Training and validation prompts."""
+
     # dataset names, parquet paths or "arithmetic"
     train_files: list[str] = field(default_factory=lambda: ["deepmath-5k"])
+    # validation sets, as train_files (used when trainer.val_every > 0)
     val_files: list[str] = field(default_factory=lambda: ["amc2023", "math500", "aime_2024", "aime_2025"])
     batch_size: int = 128  # prompts per step (global, over all ranks)
     max_prompt_length: int = 1024  # prompt tokens; longer prompts are truncated or dropped
@@ -47,35 +69,41 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
+    """Sampling responses from the full policy."""
+
     engine: str = "auto"  # "builtin", "vllm", or "auto" (vllm on CUDA when installed, else builtin)
     n: int = 8  # samples per prompt (the GRPO group size G)
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature; the trainer's log-probs use the same one
+    top_p: float = 1.0  # nucleus sampling mass (1: off)
     top_k: int = -1  # -1: no top-k
     max_new_tokens: int = 8192  # response budget; longer responses are truncated (and count as truncated)
     max_batch_size: int = 64  # built-in engine: sequences decoded together
     gpu_memory_utilization: float = 0.5  # vLLM: share of GPU memory for weights + KV cache
-    tensor_parallel_size: int = 1  # vLLM tensor parallel size inside each engine
-    tis_cap: float = 0.0  # truncated importance sampling cap for the sampler/trainer mismatch (0: off)
+    tensor_parallel_size: int = 1  # vLLM tensor parallel size inside each engine (groups of this many ranks)
 
 
 @dataclass
 class AlgoConfig:
+    """Advantages and the clipped policy loss."""
+
     adv_estimator: str = "grpo"  # "grpo", "rloo" or "reinforce_pp"
     norm_adv_by_std: bool = True  # GRPO: divide by the group std (False: Dr.GRPO)
-    adv_eps: float = 1e-6
+    adv_eps: float = 1e-6  # added to the group std before dividing by it
     filter_zero_variance: bool = False  # drop groups whose rewards are all equal (their advantage is 0 anyway)
     clip_low: float = 0.2  # ratio clip [1 - clip_low, 1 + clip_high]
-    clip_high: float = 0.2
+    clip_high: float = 0.2  # upper ratio clip (see clip_low)
     dual_clip: float = 10.0  # dual-clip constant c for negative advantages (0: off)
     kl_coef: float = 0.0  # k3 KL to the initial policy (0: no reference model is kept)
     entropy_coef: float = 0.0  # entropy bonus on the optimized policy
+    tis_cap: float = 0.0  # truncated importance-sampling weight cap for the sampler/trainer mismatch (0: off)
     ppo_mini_batch_size: int = 32  # prompts per optimizer step (global); batch_size / this = updates per step
     micro_batch_tokens: int = 16384  # token budget of one packed micro-batch per rank
 
 
 @dataclass
 class BuPOConfig:
+    """Bottom-up policy optimization: which internal policy phase one optimizes, and for how long."""
+
     internal_layer: int | str = 5  # k, 0-based (paper layer k+1); "auto": the entropy-flow boundary layer
     iterative_steps: int = 30  # s_inter: steps 1..s_inter optimize pi^k; 0 = plain GRPO
     norm: bool = False  # apply the final norm to h_k (the paper's ablation; worse)
@@ -84,11 +112,13 @@ class BuPOConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    """AdamW and its schedule."""
+
+    lr: float = 1e-6  # learning rate (constant after the warm-up)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (only on the parameters being trained)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.999  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
     warmup_steps: int = 0  # linear warm-up, then constant
     grad_clip: float = 1.0  # max global grad norm (0: off)
     max_nonfinite_steps: int = 3  # stop after this many steps in a row with a skipped non-finite update (0: never)
@@ -96,9 +126,11 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
+    """The run: length, seeds, devices, outputs, validation, diagnostics and logging."""
+
     out_dir: str = "runs/bupo"  # metrics.jsonl, config.json, checkpoints/, final/ go here; rerun resumes
-    total_steps: int = 300
-    seed: int = 0
+    total_steps: int = 300  # training steps (each: rollout, update, sync)
+    seed: int = 0  # seeds the data order, the arithmetic task, the sampling and torch's RNG (plus the rank)
     save_every: int = 50  # checkpoint period in steps (0: only the final export)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     val_every: int = 0  # validation period in steps (0: off)
@@ -114,6 +146,10 @@ class TrainerConfig:
     export: bool = True  # write out_dir/final/ (HF folder) at the end
 
 
+# Keys that moved: old name -> new name. The old name still reads (TOML and command line) with a FutureWarning.
+RENAMED = {"rollout.tis_cap": "algo.tis_cap"}
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -127,9 +163,18 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self, num_layers: int | None = None) -> None:
-        """Raise ValueError naming the field for every invalid value; `num_layers` enables the layer check."""
-        _validate(self, num_layers)
+    def validate(self, num_layers: int | None = None, world_size: int | None = None,
+                 tokenizer_vocab: int | None = None, model_vocab: int | None = None) -> None:
+        """Raise ValueError naming the field and its value for every invalid setting. The arguments enable the
+        checks that need them: the internal layer against the model's layer count, the batch sizes and the vLLM
+        tensor-parallel size against the world size, the tokenizer against the model's embedding rows."""
+        _validate(self)
+        _validate_layer(self, num_layers)
+        if world_size is not None:
+            _validate_world(self, world_size)
+        if tokenizer_vocab is not None and model_vocab is not None and tokenizer_vocab > model_vocab:
+            raise ValueError(f"model.path={self.model.path!r}: the tokenizer has {tokenizer_vocab} ids but the model "
+                             f"only {model_vocab} embedding rows")
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -142,7 +187,7 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r} is invalid; it must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def _validate(c: Config, num_layers: int | None) -> None:
+def _validate(c: Config) -> None:
     _choice("model.dtype", c.model.dtype, ("bfloat16", "float16", "float32"))
     _choice("model.liger", c.model.liger, ("auto", "on", "off"))
     if c.model.compile and c.model.liger == "on":
@@ -154,12 +199,13 @@ def _validate(c: Config, num_layers: int | None) -> None:
     _choice("algo.adv_estimator", c.algo.adv_estimator, ("grpo", "rloo", "reinforce_pp"))
     _choice("trainer.device", c.trainer.device, ("auto", "cpu", "cuda"))
     for name in ("data.batch_size", "rollout.n", "rollout.max_new_tokens", "algo.ppo_mini_batch_size",
-                 "algo.micro_batch_tokens", "trainer.total_steps", "data.max_prompt_length", "trainer.diag_seqs"):
+                 "algo.micro_batch_tokens", "trainer.total_steps", "data.max_prompt_length", "trainer.diag_seqs",
+                 "rollout.tensor_parallel_size"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(c, section), key))
     for name in ("algo.clip_low", "algo.clip_high", "algo.dual_clip", "algo.kl_coef", "optim.lr",
                  "optim.weight_decay", "optim.grad_clip", "trainer.save_every", "trainer.val_every",
-                 "trainer.diag_every", "bupo.iterative_steps", "rollout.tis_cap", "rollout.top_p",
+                 "trainer.diag_every", "bupo.iterative_steps", "algo.tis_cap", "rollout.top_p",
                  "optim.max_nonfinite_steps"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(c, section), key), allow_zero=True)
@@ -171,6 +217,12 @@ def _validate(c: Config, num_layers: int | None) -> None:
         raise ValueError(f"rollout.temperature={c.rollout.temperature} is invalid; it must be > 0")
     if c.rollout.top_p > 1:
         raise ValueError(f"rollout.top_p={c.rollout.top_p} is invalid; it must be in (0, 1]")
+    if not 0 < c.rollout.gpu_memory_utilization < 1:
+        raise ValueError(f"rollout.gpu_memory_utilization={c.rollout.gpu_memory_utilization} is invalid; it must be "
+                         "in (0, 1): the share of GPU memory for vLLM's weights and KV cache")
+    if c.rollout.engine == "vllm" and c.trainer.device == "cpu":
+        raise ValueError("rollout.engine='vllm' with trainer.device='cpu': vLLM needs CUDA; use "
+                         "rollout.engine='builtin' (or 'auto') on CPU")
     if c.rollout.n < 2 and c.algo.adv_estimator in ("grpo", "rloo"):
         raise ValueError(f"rollout.n={c.rollout.n} is invalid for algo.adv_estimator={c.algo.adv_estimator!r}; "
                          "group baselines need at least 2 samples per prompt")
@@ -185,6 +237,9 @@ def _validate(c: Config, num_layers: int | None) -> None:
                          f"trainer.total_steps={c.trainer.total_steps} (0 = plain GRPO)")
     if not c.data.train_files:
         raise ValueError("data.train_files is empty; name at least one dataset, parquet path or 'arithmetic'")
+
+
+def _validate_layer(c: Config, num_layers: int | None) -> None:
     k = c.bupo.internal_layer
     if isinstance(k, str):
         if k != "auto":
@@ -193,6 +248,18 @@ def _validate(c: Config, num_layers: int | None) -> None:
         valid = f"0..{num_layers - 1}" if num_layers is not None else ">= 0"
         raise ValueError(f"bupo.internal_layer={k} is invalid; the model has {num_layers} layers, valid: {valid} "
                          "(0-based; paper layer = k + 1) or 'auto'")
+
+
+def _validate_world(c: Config, world_size: int) -> None:
+    """Every rank holds whole prompts of every mini-batch; a vLLM engine spans tensor_parallel_size whole ranks."""
+    for name, value in (("data.batch_size", c.data.batch_size),
+                        ("algo.ppo_mini_batch_size", c.algo.ppo_mini_batch_size)):
+        if value % world_size:
+            raise ValueError(f"{name}={value} must be a multiple of the world size {world_size}")
+    tp = c.rollout.tensor_parallel_size
+    if c.rollout.engine != "builtin" and world_size % tp:
+        raise ValueError(f"rollout.tensor_parallel_size={tp} is invalid; it must divide the world size {world_size} "
+                         "(each vLLM engine spans that many ranks)")
 
 
 # --- parsing ----------------------------------------------------------------------------------------------------
@@ -271,6 +338,12 @@ def _from_file(where: str, value: object, typ) -> object:
 
 
 def _set(cfg: Config, name: str, value: object, from_text: bool, source: str = "the config file") -> None:
+    written = name  # error messages name the key as the user wrote it
+    if name in RENAMED:
+        name = RENAMED[name]
+        # FutureWarning: deprecations meant for users are shown by default (DeprecationWarning is not), once per key
+        warnings.warn(f"config key {written} is deprecated: it is now {name}; write {name} (the old name still reads "
+                      "for now)", FutureWarning)
     parts = name.split(".")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     where = "" if from_text else f" in {source}"
@@ -283,9 +356,9 @@ def _set(cfg: Config, name: str, value: object, from_text: bool, source: str = "
         raise ValueError(f"unknown config key {name!r}{where}; fields of [{parts[0]}]: {', '.join(hints)}")
     typ = hints[parts[1]]
     if from_text:
-        value = _parse_value(f"--{name}={str(value)!r}", str(value), typ)
+        value = _parse_value(f"--{written}={str(value)!r}", str(value), typ)
     else:
-        value = _from_file(f"{name}={value!r} in {source}", value, typ)
+        value = _from_file(f"{written}={value!r} in {source}", value, typ)
     setattr(section, parts[1], value)
 
 
@@ -299,13 +372,73 @@ def _read_toml(path: Path) -> dict:
         raise ValueError(f"--config {path}: not a valid TOML file ({e})") from None
 
 
+# --- help -----------------------------------------------------------------------------------------------------------
+
+USAGE = "python -m bupo.train [-h] [--config FILE.toml] [--section.field=value ...]"
+DESCRIPTION = "GRPO / BuPO trainer (also under torchrun)."
+EPILOG = ("Any field can be set in the TOML run file ([section] table, field = value) or overridden as "
+          "--section.field=value or --section.field value; later ones win. Lists: a,b or [a,b]. Renamed keys that "
+          "still read, with a warning: " + ", ".join(f"{old} -> {new}" for old, new in RENAMED.items()) + ".")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the comment that documents it in this file: the comment at the end of its line, then the
+    comment lines right above it. {} (and a warning) when the source cannot be read, e.g. a .pyc-only install."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        warnings.warn(f"--help: the source of {cls.__name__} is not available; fields are listed without comments")
+        return {}
+    comments = {}  # line -> (text, whether the comment is the whole line)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip())
+    out = {}
+    for node in ast.parse(src).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, line = [], node.lineno - 1
+            while line in comments and comments[line][1]:
+                above.insert(0, comments[line][0])
+                line -= 1
+            after = [text for line, (text, whole) in comments.items()
+                     if node.lineno <= line <= node.end_lineno and not whole]
+            out[node.target.id] = "; ".join(after + above)
+    return out
+
+
+def _default(f: dataclasses.Field) -> object:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def help_parser() -> argparse.ArgumentParser:
+    """A parser used only to print --help: --config, then every field grouped by [section], each with its type,
+    its default (as TOML would write it) and its comment."""
+    p = argparse.ArgumentParser(prog="python -m bupo.train", usage=USAGE, description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--config", metavar="FILE.toml", help="TOML run file (see launch/configs/)")
+    for sec in dataclasses.fields(Config):
+        cls = sec.default_factory
+        group = p.add_argument_group(f"[{sec.name}]", cls.__doc__)
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            text = comments.get(f.name, "")
+            text = f"{text} " if text else ""
+            group.add_argument(f"--{sec.name}.{f.name}", metavar=str(f.type).replace(" ", ""),
+                               help=f"{text}(default: {json.dumps(_default(f))})".replace("%", "%%"))
+    return p
+
+
+# --- loading --------------------------------------------------------------------------------------------------------
+
 def load_config(argv: list[str] | None = None) -> Config:
-    """Parse `--config FILE.toml` and `--section.field=value` overrides (later ones win) into a Config."""
-    p = argparse.ArgumentParser(prog="python -m bupo.train", description="GRPO / BuPO trainer",
-                                epilog="Any config field can be overridden as --section.field=value, "
-                                       "e.g. --bupo.internal_layer=5 --trainer.total_steps=10.")
-    p.add_argument("--config", type=Path, help="TOML run file (see launch/configs/)")
+    """Parse `--config FILE.toml` and `--section.field=value` overrides (later ones win) into a Config;
+    `-h/--help` prints every field (help_parser) and exits."""
+    p = argparse.ArgumentParser(prog="python -m bupo.train", usage=USAGE, add_help=False)
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("--config", type=Path)
     args, rest = p.parse_known_args(argv)
+    if args.help:
+        help_parser().print_help()
+        raise SystemExit(0)
     cfg = Config()
     if args.config is not None:
         for section, values in _read_toml(args.config).items():

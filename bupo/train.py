@@ -157,6 +157,18 @@ def choose_internal_layer(cfg: Config, model, engine, tok: Tokenizer, prompts: l
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "final", "checkpoints", "curves.png", "tensorboard", "wandb")
 
 
+def saved_settings(saved: dict) -> dict:
+    """A config.json written by an earlier version, in today's layout: renamed fields under their new names, and
+    fields added since then at their defaults (the value the earlier run used, since the field did not exist)."""
+    saved = {sec: dict(fields) for sec, fields in saved.items()}
+    if "tis_cap" in saved.get("rollout", {}):  # moved to [algo]
+        saved.setdefault("algo", {}).setdefault("tis_cap", saved["rollout"].pop("tis_cap"))
+    for sec, fields in Config().to_dict().items():
+        for key, default in fields.items():
+            saved.setdefault(sec, {}).setdefault(key, default)
+    return saved
+
+
 def resume_refusal(out: Path, resolved: dict) -> str | None:
     """Why a run with `resolved` settings must not start in `out`, or None. A rerun into a folder holding an earlier
     run's outputs resumes it or is refused, never overwrites them: with a checkpoint it must be the same experiment
@@ -176,9 +188,12 @@ def resume_refusal(out: Path, resolved: dict) -> str | None:
     except (OSError, ValueError) as e:  # missing, unreadable, or not JSON
         return (f"trainer.out_dir={str(out)!r} holds checkpoints but no readable config.json to check this run's "
                 f"settings against ({type(e).__name__}: {e}). Restore it, or use another trainer.out_dir")
-    diffs = [f"{sec}.{key}: {saved.get(sec, {}).get(key)!r} -> {value!r}"
+    saved = saved_settings(saved)
+    diffs = [f"{sec}.{key}: {saved[sec][key]!r} -> {value!r}"
              for sec, fields in resolved.items() if sec != "trainer"
-             for key, value in fields.items() if saved.get(sec, {}).get(key) != value]
+             for key, value in fields.items() if saved.get(sec, {}).get(key, value) != value]
+    diffs += [f"{sec}.{key}: {saved[sec][key]!r} -> (unset)" for sec in saved if sec != "trainer"
+              for key in saved[sec] if key not in resolved.get(sec, {})]
     if diffs:
         return (f"trainer.out_dir={str(out)!r} holds a checkpointed run with other settings "
                 f"({'; '.join(diffs)}); a rerun there resumes it. Use another trainer.out_dir or delete it")
@@ -219,10 +234,6 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.trainer.seed + info.rank)
-    for name, value in (("data.batch_size", cfg.data.batch_size),
-                        ("algo.ppo_mini_batch_size", cfg.algo.ppo_mini_batch_size)):
-        if value % info.world_size:
-            raise ValueError(f"{name}={value} must be a multiple of the world size {info.world_size}")
     out = Path(cfg.trainer.out_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -233,10 +244,8 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
     # each rank reads only its shards; the rollout engine claims its memory after that, the reference model last.
     # A rank never holds a replica of the fp32 master weights.
     model = models.build_meta(path)  # config.json only: validated before any weight is read
-    cfg.validate(model.config.num_hidden_layers)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"model.path={cfg.model.path!r}: the tokenizer has {tok.vocab_size} ids but the model only "
-                         f"{model.config.vocab_size} embedding rows")
+    cfg.validate(num_layers=model.config.num_hidden_layers, world_size=info.world_size,
+                 tokenizer_vocab=tok.vocab_size, model_vocab=model.config.vocab_size)
     liger = resolve_liger(cfg.model.liger, info.device)
     if liger:  # before FSDP2 and compile wrap the modules
         log(f"[model] liger-kernel fused ops on: {use_liger(model)}")
@@ -328,7 +337,7 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
         t0 = time.perf_counter()
         lp_kw = dict(layer=layer, norm=norm, temperature=cfg.rollout.temperature,
                      token_budget=cfg.algo.micro_batch_tokens, vocab_size=tok.vocab_size)
-        if mini_batches > 1 or cfg.rollout.tis_cap:
+        if mini_batches > 1 or cfg.algo.tis_cap:
             for s, lp in zip(seqs, compute_logprobs(model, seqs, **lp_kw)):
                 s.old_logp = lp
         if ref_model is not None:
@@ -342,7 +351,7 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
                           token_budget=cfg.algo.micro_batch_tokens, clip_low=cfg.algo.clip_low,
                           clip_high=cfg.algo.clip_high, dual_clip=cfg.algo.dual_clip,
                           entropy_coef=cfg.algo.entropy_coef, kl_coef=cfg.algo.kl_coef,
-                          grad_clip=cfg.optim.grad_clip, tis_cap=cfg.rollout.tis_cap,
+                          grad_clip=cfg.optim.grad_clip, tis_cap=cfg.algo.tis_cap,
                           trainable=trainable if phase == "internal" else None, scheduler=scheduler,
                           vocab_size=tok.vocab_size)
         time_update = time.perf_counter() - t0

@@ -1,11 +1,10 @@
 """vLLM rollout engine for GPUs: one in-process `vllm.LLM` per torchrun rank, sleep mode, in-place weight sync.
 
-Every vLLM call of the project lives in this file, each with a comment naming the vLLM API it relies on.
-Supported vLLM: >= 0.10.2 (needs `logprobs_mode="processed_logprobs"`, which 0.10.0 lacks), < 0.34 (the gpu extra
-pins this range).
-`vllm` is imported only when a VLLMEngine is built, so importing this module needs no vllm (and no GPU).
+Every vLLM call of the project lives in this file, each with a comment naming the vLLM API it relies on. Supported
+vLLM: VLLM_RANGE (the gpu extra pins it). `vllm` is imported only when a VLLMEngine is built, so importing this
+module needs no vllm (and no GPU).
 
-How it fits the trainer (bupo/train.py):
+Contract with the trainer (bupo/train.py):
 - Colocated: every rank of the torchrun job builds its own engine with `distributed_executor_backend=
   "external_launcher"` (the engine lives in the trainer process and reuses its process group; vLLM requires
   VLLM_ENABLE_V1_MULTIPROCESSING=0 for it, which we set). With tensor_parallel_size = t > 1, consecutive groups of
@@ -13,17 +12,15 @@ How it fits the trainer (bupo/train.py):
   member generates all of them (same seeds -> same tokens) and keeps its own share.
 - Sleep mode (level 1: weights backed up to CPU, KV cache dropped) between rollouts, so the update has the GPU.
 - `update_weights` after each update, while the KV cache is released: wake_up(weights) -> load_weights bucket by
-  bucket, in memory (never from disk) -> reset the prefix cache (cached KV was computed by the old weights). The
-  KV cache is woken only by `generate` (rollout or validation), so diagnostics and the checkpoint that follow a sync
-  never run next to it.
+  bucket, in memory (never from disk), under HF names -> reset the prefix cache (cached KV was computed by the old
+  weights). The KV cache is woken only by `generate` (rollout or validation), so diagnostics and the checkpoint that
+  follow a sync never run next to it.
 - Sampling is masked to the tokenizer's real vocabulary when the checkpoint pads its embedding (Qwen: 151669 real
-  tokens of 151936 rows): a `logit_bias` of -inf on the padded ids (267 entries for Qwen). Not `allowed_token_ids`:
-  vLLM's V2 model runner (the default for dense models in recent releases) refuses more than 1024 of them, and on V1
-  a 151669-id whitelist costs about 0.15 s of CPU per request (its deep copy, validation and mask fill, timed on
-  CPU). Log-probs are vLLM's "processed" ones (after temperature and the mask), i.e. of the distribution the token
-  was drawn from. Every sample is its own n=1 request seeded with `SamplingParams.sample_seed(prompt
-  index, sample index)`, as in the built-in engine, so a sample does not depend on the batch it lands in (vLLM
-  shares the prompt's KV between its samples through the prefix cache).
+  tokens of 151936 rows): a `logit_bias` of -inf on the padded ids, at most MAX_MASKED_IDS of them. Log-probs are
+  vLLM's "processed" ones (after temperature and the mask), i.e. of the distribution the token was drawn from.
+- Every sample is its own n=1 request seeded with `SamplingParams.sample_seed(prompt index, sample index)`, as in
+  the built-in engine, so a sample does not depend on the batch it lands in (vLLM shares the prompt's KV between
+  its samples through the prefix cache).
 """
 
 from __future__ import annotations
@@ -36,37 +33,11 @@ from pathlib import Path
 
 import torch
 
-from bupo.loss import bounded_ratio
 from bupo.rollout import Sample, SamplingParams
 from bupo.weight_sync import DEFAULT_BUCKET_BYTES, chunk_by_bytes
 
 VLLM_RANGE = ">=0.10.2,<0.34"
 MAX_MASKED_IDS = 1024  # vLLM's V2 model runner takes at most this many logit_bias entries per request
-
-
-def logprob_mismatch(sampler_logp: torch.Tensor, trainer_logp: torch.Tensor,
-                     tis_cap: float = 0.0) -> tuple[torch.Tensor | None, dict[str, float]]:
-    """Sampler/trainer disagreement on the sampled tokens, and truncated importance-sampling weights.
-
-    sampler_logp, trainer_logp: [N] log-probs of the same response tokens (the engine's and the trainer's, both
-    under the full policy at the sampling temperature). Returns (weights, metrics): weights = min(exp(trainer -
-    sampler), tis_cap) [N] fp32 when tis_cap > 0 (the `rollout.tis_cap` correction), else None; metrics:
-    logp_mismatch (mean |sampler - trainer|), logp_mismatch_max, ratio_mean (mean exp(trainer - sampler), 1 when
-    the two agree) and, with a cap, tis_clip_frac (share of tokens whose weight was capped).
-    """
-    if sampler_logp.shape != trainer_logp.shape:
-        raise ValueError(f"sampler_logp {tuple(sampler_logp.shape)} and trainer_logp {tuple(trainer_logp.shape)} "
-                         "must have the same shape")
-    d = trainer_logp.float() - sampler_logp.float().to(trainer_logp.device)  # [N]
-    if d.numel() == 0:
-        return (d if tis_cap > 0 else None), {"logp_mismatch": 0.0, "logp_mismatch_max": 0.0, "ratio_mean": 1.0}
-    ratio = bounded_ratio(d)  # exp, bounded: a token can disagree by tens of nats
-    metrics = {"logp_mismatch": float(d.abs().mean()), "logp_mismatch_max": float(d.abs().max()),
-               "ratio_mean": float(ratio.mean())}
-    if tis_cap <= 0:
-        return None, metrics
-    metrics["tis_clip_frac"] = float((ratio > tis_cap).float().mean())
-    return ratio.clamp(max=tis_cap), metrics
 
 
 def _require_vllm():
@@ -109,9 +80,6 @@ class VLLMEngine:
         vllm = _require_vllm()
         if not torch.cuda.is_available():
             raise ValueError("rollout.engine='vllm' needs a CUDA device; use rollout.engine='builtin' on CPU")
-        if not 0 < gpu_memory_utilization < 1:
-            raise ValueError(f"rollout.gpu_memory_utilization={gpu_memory_utilization} is invalid; it must be in "
-                             "(0, 1): the share of GPU memory for vLLM's weights and KV cache")
         cfg = json.loads((Path(model_path) / "config.json").read_text())
         model_vocab = int(cfg["vocab_size"])
         if vocab_size is not None and vocab_size > model_vocab:
@@ -127,8 +95,8 @@ class VLLMEngine:
         _launcher_env()
         # vllm.LLM(...) (vllm.entrypoints.llm.LLM): external_launcher = one worker inside this torchrun process
         # (vllm.v1.executor ExecutorWithExternalLauncher, env:// rendezvous from RANK/LOCAL_RANK); enable_sleep_mode
-        # = CuMem-tagged allocations that sleep()/wake_up(tags) release; logprobs_mode (EngineArgs field, added in
-        # 0.10.x; "processed_logprobs" = after temperature, top-k/p and the allowed-token mask)
+        # = CuMem-tagged allocations that sleep()/wake_up(tags) release; logprobs_mode (EngineArgs field;
+        # "processed_logprobs" = after temperature, top-k/p and the logit bias)
         self.llm = vllm.LLM(
             model=str(model_path), tokenizer=str(model_path), dtype=str(self.dtype).removeprefix("torch."),
             seed=seed, tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
@@ -227,7 +195,7 @@ class VLLMEngine:
         for bucket in chunk_by_bytes(named_tensors, self.bucket_bytes):
             # LLM.apply_model(fn): runs fn(model) on the worker's nn.Module; in-process here (external launcher,
             # no multiprocessing), so the tensors are not serialized. vLLM's load_weights takes HF names and fuses
-            # q/k/v and gate/up itself (bupo.weight_sync.vllm_names); each rank loads its TP shard of the tensors.
+            # q/k/v and gate/up itself (bupo/weight_sync.py); each rank loads its TP shard of the tensors.
             self.llm.apply_model(lambda model, b=bucket: _load(model, b))
         # LLM.reset_prefix_cache(): cached prefix blocks hold KV of the old weights
         self.llm.reset_prefix_cache()

@@ -49,6 +49,73 @@ def test_internal_layer_checked_against_model():
     c.validate(num_layers=31)
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(world_size=3), r"data\.batch_size=128 must be a multiple of the world size 3"),
+    (dict(world_size=64), r"algo\.ppo_mini_batch_size=32 must be a multiple of the world size 64"),
+    (dict(tokenizer_vocab=101, model_vocab=100), r"model\.path='smollm2': the tokenizer has 101 ids.* only 100"),
+])
+def test_validate_with_the_world_size_and_the_vocabularies(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Config().validate(**kw)
+    Config().validate(num_layers=36, world_size=8, tokenizer_vocab=151669, model_vocab=151936)
+
+
+def test_vllm_tensor_parallel_size_divides_the_world_size():
+    c = load_config(["--rollout.tensor_parallel_size=2"])
+    c.validate(world_size=4)
+    with pytest.raises(ValueError, match=r"rollout\.tensor_parallel_size=2 .*divide the world size 1"):
+        c.validate(world_size=1)
+    c.rollout.engine = "builtin"  # the built-in engine has no tensor parallelism: the field does not apply
+    c.validate(world_size=1)
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization"),
+    (["--rollout.gpu_memory_utilization=0"], "rollout.gpu_memory_utilization"),
+    (["--rollout.tensor_parallel_size=0"], "rollout.tensor_parallel_size"),
+    (["--rollout.engine=vllm", "--trainer.device=cpu"], "rollout.engine"),
+    (["--algo.tis_cap=-1"], "algo.tis_cap"),
+])
+def test_engine_and_loss_settings_are_checked_in_the_config(args, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_config(args)
+
+
+def test_renamed_tis_cap_reads_with_a_warning_naming_the_new_key(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text("[rollout]\ntis_cap = 2\n")
+    with pytest.warns(FutureWarning, match=r"rollout\.tis_cap is deprecated: it is now algo\.tis_cap"):
+        c = load_config(["--config", str(f)])
+    assert c.algo.tis_cap == 2.0 and "tis_cap" not in c.to_dict()["rollout"] and c.to_dict()["algo"]["tis_cap"] == 2.0
+    with pytest.warns(FutureWarning, match=r"algo\.tis_cap"):
+        assert load_config(["--rollout.tis_cap=3"]).algo.tis_cap == 3.0
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"--rollout\.tis_cap='x': expected float"):
+        load_config(["--rollout.tis_cap=x"])
+    assert load_config(["--algo.tis_cap=4"]).algo.tis_cap == 4.0
+
+
+def test_help_lists_every_field_by_section_with_type_default_and_comment(capsys):
+    import dataclasses
+
+    from bupo.config import field_comments
+
+    with pytest.raises(SystemExit) as e:
+        load_config(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    at = 0
+    for sec in dataclasses.fields(Config):
+        at = text.index(f"[{sec.name}]:", at)  # sections in order, each field after its section's header
+        comments = field_comments(sec.default_factory)
+        for f in dataclasses.fields(sec.default_factory):
+            assert comments[f.name], f"{sec.name}.{f.name} has no comment"
+            at = text.index(f"--{sec.name}.{f.name} {str(f.type).replace(' ', '')} ", at)
+            assert text.index(" ".join(comments[f.name].split()), at) == at + len(f"--{sec.name}.{f.name} "
+                                                                               f"{str(f.type).replace(' ', '')} ")
+    assert '(default: ["deepmath-5k"])' in text and "(default: 5)" in text and "rollout.tis_cap -> algo.tis_cap" in text
+    assert "the packaged SmolLM2-135M-Instruct" in text and "Qwen3-4B" in text  # the one non-recipe default, said so
+
+
 def test_shipped_run_files_parse():
     files = sorted((ROOT / "launch" / "configs").glob("*.toml"))
     assert len(files) >= 10

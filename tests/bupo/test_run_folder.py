@@ -105,6 +105,22 @@ def test_rerun_of_a_finished_checkpointed_run_has_nothing_to_do(tiny_model, fini
     assert all(torch.equal(_weights(out)[k], w) for k, w in _weights(src).items())
 
 
+def test_a_run_saved_by_an_earlier_version_still_resumes(tiny_model, finished, tmp_path):
+    """config.json of an earlier version: rollout.tis_cap (now algo.tis_cap) and no optim.max_nonfinite_steps (added
+    since, at its default). The same settings in today's layout resume it; a field set away from its default does
+    not."""
+    src, records = finished
+    out = _copy(src, tmp_path / "old")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rollout"]["tis_cap"] = cfg["algo"].pop("tis_cap")
+    del cfg["optim"]["max_nonfinite_steps"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert run(load_config(train_args(tiny_model, out, 4))) == records
+    (out / "config.json").write_text(json.dumps(cfg))  # the rerun wrote today's layout
+    with pytest.raises(SystemExit, match="optim.max_nonfinite_steps: 3 -> 7"):
+        main(train_args(tiny_model, out, 4, **{"optim.max_nonfinite_steps": 7}))
+
+
 def test_rerun_with_other_settings_into_a_checkpointed_run_is_refused(tiny_model, finished):
     out, _ = finished
     before = _files(out)

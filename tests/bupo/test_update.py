@@ -1,6 +1,8 @@
 """The update step: 2 gloo processes equal 1 on the same rollout batch; phase one leaves the upper layers and the
-final norm bit-identical and moves layers 0..k and the head; phase two moves everything."""
+final norm bit-identical and moves layers 0..k and the head; phase two moves everything; one step raises the
+log-probs of positive-advantage responses and lowers those of negative ones in both phases; TIS weights."""
 
+import math
 import os
 import socket
 import subprocess
@@ -180,6 +182,61 @@ def test_phase_one_touches_only_layers_up_to_k(runs):
         assert moved == lower, f"{name}: moved={moved}, expected {lower}"
     full = runs[("full", 1)]
     assert all(not torch.equal(full[n], init[n]) for n in init), "phase two must move every parameter"
+
+
+@pytest.mark.parametrize("layer", [1, None], ids=["phase_one_pi_k", "full"])
+def test_one_step_raises_positive_and_lowers_negative_responses(layer):
+    """The direction of the update, in both phases: after one AdamW step the mean log-prob of every response with
+    advantage +1 rises and of every response with advantage -1 falls, under the policy being optimized (pi^k of
+    layer 1 with only layers 0..1 and the head trainable, or the full policy)."""
+    from bupo import parallel
+    from bupo.update import compute_logprobs, phase_one_names
+    w, info, model, opt = _tiny_setup(lr=1e-3)
+    try:
+        seqs = w.batch()
+        for i, s in enumerate(seqs):
+            s.advantage = 1.0 if i % 2 == 0 else -1.0
+        kw = dict(layer=layer, norm=False, temperature=1.0, token_budget=64)
+        before = [lp.mean() for lp in compute_logprobs(model, seqs, **kw)]
+        trainable = None if layer is None else [p for n, p in model.named_parameters() if phase_one_names(n, layer)]
+        m = _update(model, opt, seqs, info, layer=layer, trainable=trainable, grad_clip=0.0)
+        assert m["updates"] == 1
+        after = [lp.mean() for lp in compute_logprobs(model, seqs, **kw)]
+        moved = [float(a - b) for a, b in zip(after, before)]
+        assert all((d > 0) == (s.advantage > 0) and abs(d) > 1e-5 for d, s in zip(moved, seqs)), moved
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.parametrize("cap, weight", [(5.0, math.exp(-1.0)), (0.2, 0.2)])
+def test_tis_weights_scale_the_update_and_the_mismatch_is_logged(cap, weight):
+    """algo.tis_cap: every token's loss is weighted by min(pi_old / pi_sampler, cap). A sampler 1 nat more confident
+    than the trainer on every token gives the weight min(e^-1, cap), so one plain-SGD step moves every parameter by
+    that factor times the unweighted step; logp_mismatch is the mean |old - sampler| = 1."""
+    from bupo import parallel
+    from bupo.update import compute_logprobs
+
+    def step(tis_cap: float) -> tuple[dict, dict]:
+        w, info, model, _ = _tiny_setup()
+        try:
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            init = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
+            seqs = w.batch()
+            olds = compute_logprobs(model, seqs, layer=None, norm=False, temperature=1.0, token_budget=64)
+            for s, lp in zip(seqs, olds):
+                s.old_logp, s.sampler_logp = lp, lp + 1.0
+            m = _update(model, opt, seqs, info, grad_clip=0.0, tis_cap=tis_cap)
+            return {n: p.detach().full_tensor() - init[n] for n, p in model.named_parameters()}, m
+        finally:
+            parallel.destroy()
+
+    plain, m0 = step(0.0)
+    weighted, m = step(cap)
+    assert m0["logp_mismatch"] == pytest.approx(1.0) and m["logp_mismatch"] == pytest.approx(1.0)
+    assert any(d.abs().max() > 0 for d in plain.values())
+    for name in plain:
+        # atol: the change is (after - before) of weights near 1 (the norms), exact only to fp32 rounding of 1
+        torch.testing.assert_close(weighted[name], weight * plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_pack_positions_predict_response_tokens():

@@ -1,5 +1,5 @@
-"""Weight sync planning: bucket plans, names vLLM receives, what a phase-one sync sends, gathering full tensors
-(plain model, FSDP2 world of one, FSDP2 over 2 gloo processes)."""
+"""Weight sync planning: bucket plans, what a phase-one sync sends, gathering full tensors (plain model, FSDP2 world
+of one, FSDP2 over 2 gloo processes)."""
 
 import os
 import socket
@@ -14,15 +14,7 @@ import torch.distributed as dist
 
 import models
 from bupo import parallel
-from bupo.weight_sync import (
-    chunk_by_bytes,
-    iter_full_tensors,
-    layer_of,
-    plan_buckets,
-    sync_names,
-    tensor_bytes,
-    vllm_names,
-)
+from bupo.weight_sync import chunk_by_bytes, iter_full_tensors, plan_buckets, sync_names, tensor_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
@@ -33,6 +25,11 @@ TINY_QWEN3 = {**TINY, "model_type": "qwen3", "head_dim": 8, "tie_word_embeddings
 
 def _entries(model, dtype=None):
     return [(n, p.shape, dtype or p.dtype) for n, p in model.named_parameters()]
+
+
+def _layer(name: str) -> int | None:
+    """Decoder-layer index of an HF parameter name, None for the embedding, final norm and head."""
+    return int(name.split(".")[2]) if name.startswith("model.layers.") else None
 
 
 # --- plan_buckets / chunk_by_bytes ----------------------------------------------------------------------------------
@@ -66,20 +63,6 @@ def test_plan_buckets_dtype_counts():
     assert plan_buckets([(n, s, torch.bfloat16) for n, s, _ in entries], 256) == [["a", "b"]]
 
 
-def test_plan_buckets_per_layer():
-    model = models.build_model({**TINY, "tie_word_embeddings": False})
-    entries = _entries(model)
-    plan = plan_buckets(entries, 1, per_layer=True)  # the size cap does not split a layer
-    assert [n for b in plan for n in b] == [n for n, _, _ in entries]
-    layer_buckets = [b for b in plan if layer_of(b[0]) is not None]
-    assert len(layer_buckets) == TINY["num_hidden_layers"]
-    for i, b in enumerate(layer_buckets):
-        assert {layer_of(n) for n in b} == {i}
-        assert len(b) == 9  # q, k, v, o, gate, up, down, 2 norms
-    others = [b for b in plan if layer_of(b[0]) is None]
-    assert others == [["model.embed_tokens.weight"], ["model.norm.weight"], ["lm_head.weight"]]
-
-
 def test_chunk_by_bytes_matches_plan_and_is_lazy():
     model = models.build_model(TINY)
     cap = 2 * 32 * 64 * 4
@@ -99,47 +82,16 @@ def test_chunk_by_bytes_matches_plan_and_is_lazy():
 
 # --- names ----------------------------------------------------------------------------------------------------------
 
-def test_vllm_names_llama_and_qwen3():
-    assert vllm_names("model.layers.3.self_attn.q_proj.weight", "llama") == ["model.layers.3.self_attn.qkv_proj.weight"]
-    assert vllm_names("model.layers.0.self_attn.v_proj.bias", "qwen2") == ["model.layers.0.self_attn.qkv_proj.bias"]
-    assert vllm_names("model.layers.12.mlp.up_proj.weight", "qwen3") == ["model.layers.12.mlp.gate_up_proj.weight"]
-    assert vllm_names("model.layers.1.mlp.down_proj.weight", "qwen3") == ["model.layers.1.mlp.down_proj.weight"]
-    assert vllm_names("model.layers.1.self_attn.q_norm.weight", "qwen3") == ["model.layers.1.self_attn.q_norm.weight"]
-    assert vllm_names("model.layers.2.input_layernorm.weight", "llama") == ["model.layers.2.input_layernorm.weight"]
-    assert vllm_names("model.embed_tokens.weight", "llama", tied=True) == ["model.embed_tokens.weight"]
-    assert vllm_names("lm_head.weight", "qwen3") == ["lm_head.weight"]
-    assert vllm_names("lm_head.weight", "qwen3", tied=True) == []  # vLLM skips a tied head
-    with pytest.raises(ValueError, match="model_type"):
-        vllm_names("model.norm.weight", "gpt2")
-    with pytest.raises(ValueError, match="not a llama parameter"):
-        vllm_names("model.layers.0.self_attn.rotary_emb.inv_freq", "llama")
-
-
-@pytest.mark.parametrize("cfg", [TINY, TINY_QWEN3], ids=["llama_tied", "qwen3_untied"])
-def test_every_model_parameter_has_a_vllm_name(cfg):
-    model = models.build_model(cfg)
-    tied = cfg["tie_word_embeddings"]
-    targets = {t for n, _ in model.named_parameters() for t in vllm_names(n, cfg["model_type"], tied=tied)}
-    L = cfg["num_hidden_layers"]
-    expected_per_layer = {"self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
-                          "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"}
-    if cfg["model_type"] == "qwen3":
-        expected_per_layer |= {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
-    expected = {f"model.layers.{i}.{s}" for i in range(L) for s in expected_per_layer}
-    expected |= {"model.embed_tokens.weight", "model.norm.weight"} | (set() if tied else {"lm_head.weight"})
-    assert targets == expected
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_phase_one_sync_sends_layers_0_to_k_and_embedding(tied):
     model = models.build_model({**TINY, "tie_word_embeddings": tied})
     k = 1
     names = sync_names(model, k)
-    assert {layer_of(n) for n in names} == {0, 1, None}
+    assert {_layer(n) for n in names} == {0, 1, None}
     assert "model.embed_tokens.weight" in names
     assert ("lm_head.weight" in names) is (not tied)  # tied: the head is the embedding, sent once
     assert "model.norm.weight" not in names  # the final norm does not change in phase one
-    per_layer = sum(1 for n, _ in model.named_parameters() if layer_of(n) == 0)
+    per_layer = sum(1 for n, _ in model.named_parameters() if _layer(n) == 0)
     assert len(names) == 2 * per_layer + (1 if tied else 2)
     assert sync_names(model, None) == [n for n, _ in model.named_parameters()]
 
