@@ -10,7 +10,7 @@ States per layer l (DESIGN section 1), from `model.capture`:
 Entropy changes: layer H(h_l) - H(h_{l-1}); attention H(A_l) - H(attn_in); FFN H(F_l) - H(ffn_in).
 
 A response-predicting position is one whose next token is a response token: for a prompt of length p and a
-response of length r these are positions p-1 .. p+r-2 of prompt + response (the last response token is never fed).
+response of length r these are positions p-1 .. p+r-2 of prompt + response, packed by bupo.update.pack as in training.
 Means are token-weighted over all such positions of all samples, so the mean change equals the change of means.
 """
 
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from bupo.rollout import Rollout
+from bupo.update import pack, split_micro_batches
 
 STATES = ("layer_in", "layer_out", "attn_in", "attn_out", "ffn_in", "ffn_out")
 DELTAS = {"delta_layer": ("layer_out", "layer_in"), "delta_attn": ("attn_out", "attn_in"),
@@ -31,48 +33,14 @@ INDEXING = "0-based layer index; paper layer = l + 1"
 CAPTURE_BYTES = 2**30  # default budget for the captured states of one micro-batch (sets batch_tokens)
 
 
-def _validate(samples: Sequence, vocab_size: int) -> None:
+def _validate(samples: Sequence[Rollout], vocab_size: int) -> None:
     for i, s in enumerate(samples):
-        if len(s) != 2:
-            raise ValueError(f"samples[{i}]: expected a (prompt_ids, response_ids) pair, got {len(s)} items")
-        prompt, response = s
-        if len(prompt) == 0:
+        if len(s.prompt_ids) == 0:
             raise ValueError(f"samples[{i}]: prompt_ids is empty (the first response token needs a context)")
-        for name, ids in (("prompt_ids", prompt), ("response_ids", response)):
+        for name, ids in (("prompt_ids", s.prompt_ids), ("response_ids", s.response_ids)):
             bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(f"samples[{i}].{name}: token ids must be ints in [0, {vocab_size}), got {bad[:5]}")
-
-
-def _micro_batches(samples: Sequence, batch_tokens: int) -> list[list[int]]:
-    """Greedy packing in sample order: groups of sample indices whose fed length (p + r - 1) sums to at most
-    batch_tokens (a longer sample goes alone). Samples with an empty response are left out."""
-    groups, cur, used = [], [], 0
-    for i, (prompt, response) in enumerate(samples):
-        if not response:
-            continue
-        n = len(prompt) + len(response) - 1
-        if cur and used + n > batch_tokens:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-def _pack(samples: Sequence, group: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids [1, total], cu_seqlens int32 [S+1], positions [n] of the response-predicting tokens."""
-    ids, cu, pos = [], [0], []
-    for i in group:
-        prompt, response = samples[i]
-        seq = list(prompt) + list(response[:-1])
-        pos.extend(range(cu[-1] + len(prompt) - 1, cu[-1] + len(seq)))
-        ids.extend(seq)
-        cu.append(len(ids))
-    return (torch.tensor([ids], dtype=torch.long, device=device), torch.tensor(cu, dtype=torch.int32, device=device),
-            torch.tensor(pos, dtype=torch.long, device=device))
 
 
 def _auto_batch_tokens(model) -> int:
@@ -85,37 +53,44 @@ def _auto_batch_tokens(model) -> int:
 # no_grad, not inference_mode: the trainer may call this on its FSDP2 model (bupo.internal_layer = "auto"), and a layer
 # first gathered under inference_mode keeps an inference tensor as its unsharded weight, which breaks the next unshard
 @torch.no_grad()
-def entropy_flow(model, samples: Sequence[tuple[Sequence[int], Sequence[int]]], *, norm: bool = False,
-                 temperature: float = 1.0, batch_tokens: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+def entropy_flow(model, samples: Sequence[Rollout], *, norm: bool = False, temperature: float = 1.0,
+                 batch_tokens: int | None = None, progress: Callable[[int, int], None] | None = None,
+                 vocab_size: int | None = None) -> dict:
     """Token-weighted mean entropies of softmax(x E^T / T) per layer for the six states, and the entropy changes.
 
-    samples: (prompt_ids, response_ids) pairs; samples with an empty response contribute nothing.
+    samples: rollouts (prompt_ids, response_ids); samples with an empty response contribute nothing.
     norm: apply the final norm (model.model.norm) to every state before the unembedding (paper ablation).
-    batch_tokens: fed tokens per packed micro-batch; default from a 1 GiB budget for the captured states
-    (L * 6 * H values per token). Only the response-predicting rows are kept, and entropies go through
-    kernels.linear_entropy_many (chunked over rows and V): no [L, N, V] tensor, no [N, V] beyond its chunk.
+    batch_tokens: packed tokens (prompt + response) per micro-batch (bupo.update.split_micro_batches); default from
+    a 1 GiB budget for the captured states (L * 6 * H values per token). Only the response-predicting rows are
+    kept, and entropies go through kernels.linear_entropy_many (chunked over rows and V): no [L, N, V] tensor, no
+    [N, V] beyond its chunk.
     progress: optional callable(done_samples, total_samples) called after each micro-batch.
+    vocab_size: the policies are softmaxes over the first vocab_size unembedding rows (the tokenizer's ids, as the
+    trained policy and the samplers; None: every row, also padded ones).
 
     Returns {layer_in, layer_out, attn_in, attn_out, ffn_in, ffn_out, delta_layer, delta_attn, delta_ffn}
-    (lists of L floats, nats) plus num_layers, num_tokens, num_samples, norm, temperature, boundary_layer
-    (see `boundary_layer`; None when no layer has a positive mean FFN change) and indexing.
+    (lists of L floats, nats) plus num_layers, num_tokens, num_samples, norm, temperature, vocab_size (the rows
+    used), boundary_layer (see `boundary_layer`; None when no layer has a positive mean FFN change) and indexing.
     """
     L = model.config.num_hidden_layers
     _validate(samples, model.config.vocab_size)
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}; must be > 0")
-    batch_tokens = batch_tokens or _auto_batch_tokens(model)
-    groups = _micro_batches(samples, batch_tokens)
+    if vocab_size is not None and not 1 <= vocab_size <= model.config.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} is invalid: the model has {model.config.vocab_size} embedding rows")
+    answered = [s for s in samples if s.response_ids]
+    groups = split_micro_batches(answered, batch_tokens or _auto_batch_tokens(model))
     if not groups:
         raise ValueError("entropy_flow: no response tokens in the samples (every response_ids is empty)")
     device = model.model.embed_tokens.weight.device
     sums = torch.zeros(len(STATES), L, dtype=torch.float64, device=device)  # [6, L]
     count, done = 0, 0
     for group in groups:
-        input_ids, cu, pos = _pack(samples, group, device)
-        caps = model.capture(input_ids, cu_seqlens=cu)  # L dicts of [1, total, H]
-        E = model.unembedding  # [V, H], read after the forward: under FSDP2 the root is gathered only then
+        packed = pack([answered[i] for i in group], device)
+        pos = packed.resp_pos  # [n] the response-predicting positions
+        caps = model.capture(packed.input_ids, cu_seqlens=packed.cu_seqlens)  # L dicts of [1, total, H]
+        # [V, H], read after the forward: under FSDP2 the root is gathered only then
+        E = model.unembedding[:vocab_size]
         # layer_in of layer l > 0 is layer_out of l - 1: only the embedding (layer_in of layer 0) is extra.
         xs = [caps[0]["layer_in"][0, pos]] + [caps[l][s][0, pos] for s in STATES[1:] for l in range(L)]
         del caps
@@ -134,8 +109,8 @@ def entropy_flow(model, samples: Sequence[tuple[Sequence[int], Sequence[int]]], 
     flow: dict = {s: means[j] for j, s in enumerate(STATES)}
     for name, (a, b) in DELTAS.items():
         flow[name] = [x - y for x, y in zip(flow[a], flow[b])]
-    flow.update(num_layers=L, num_tokens=count, num_samples=sum(len(g) for g in groups), norm=norm,
-                temperature=temperature, indexing=INDEXING)
+    flow.update(num_layers=L, num_tokens=count, num_samples=len(answered), norm=norm, temperature=temperature,
+                vocab_size=vocab_size or model.config.vocab_size, indexing=INDEXING)
     flow["boundary_layer"] = boundary_layer(flow) if any(d > 0 for d in flow["delta_ffn"]) else None
     return flow
 

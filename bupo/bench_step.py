@@ -20,7 +20,9 @@ import torch
 
 import models
 from bupo import checkpoint, parallel
-from bupo.update import Seq, phase_one_names, update_policy
+from bupo.config import AlgoConfig
+from bupo.rollout import Rollout
+from bupo.update import is_phase_one_param, update_policy
 
 # Real configs (random weights): what --shape picks instead of --layers/--hidden/--vocab.
 SHAPES = {"qwen3-0.6b": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
@@ -45,20 +47,20 @@ def flops_per_token(cfg: dict) -> tuple[float, float]:
     return 2.0 * cfg["num_hidden_layers"] * (attn + 3 * h * i), 2.0 * h * cfg["vocab_size"]
 
 
-def make_batch(n_seqs: int, prompt_len: int, resp_len: int, vocab: int, seed: int = 0) -> list[Seq]:
+def make_batch(n_seqs: int, prompt_len: int, resp_len: int, vocab: int, seed: int = 0) -> list[Rollout]:
     g = torch.Generator().manual_seed(seed)
-    return [Seq(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
+    return [Rollout(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
                 torch.randint(0, vocab, (resp_len,), generator=g).tolist(),
                 advantage=float(torch.randn((), generator=g))) for _ in range(n_seqs)]
 
 
 def time_step(model, opt, seqs, info, layer, k, repeats: int, token_budget: int) -> list[float]:
-    trainable = [p for n, p in model.named_parameters() if phase_one_names(n, k)] if layer is not None else None
+    trainable = [p for n, p in model.named_parameters() if is_phase_one_param(n, k)] if layer is not None else None
+    algo = AlgoConfig(micro_batch_tokens=token_budget, clip_low=0.2, clip_high=0.2, dual_clip=10.0)
     times = []
     for _ in range(repeats + 1):  # first call is warm-up
         t0 = time.perf_counter()
-        update_policy(model, opt, seqs, info=info, layer=layer, norm=False, temperature=1.0, mini_batches=1,
-                      token_budget=token_budget, clip_low=0.2, clip_high=0.2, dual_clip=10.0, grad_clip=1.0,
+        update_policy(model, opt, seqs, algo, info=info, mini_batches=1, layer=layer, grad_clip=1.0,
                       trainable=trainable)
         times.append(time.perf_counter() - t0)
     return times[1:]

@@ -7,6 +7,10 @@ written to `step_XXXXXX.tmp/` and renamed when every rank has finished, so a cra
 complete. `resume()` checks the newest folder cheaply (`problem()`: no tensor is read), loads it into fresh state
 dicts and applies them only when every rank succeeded; a damaged one is moved aside to `step_XXXXXX.damaged` with a
 warning and the next older one is tried.
+
+The run folder around them: `check_resume_config` refuses a rerun into an out_dir that holds another run (its
+config.json is compared setting by setting, `saved_settings` reads older layouts), and `export_final` writes the
+HF folder `final/`.
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
+import models
 from bupo import parallel
+from bupo.config import Config
 from bupo.parallel import DistInfo, barrier
 
 RNG_KEYS = ("torch", "numpy", "numpy_pos", "numpy_gauss", "python", "python_gauss")
@@ -280,3 +287,68 @@ def _free_name(p: Path) -> Path:
         i += 1
         p = p.with_name(re.sub(r"\.damaged\d*$", f".damaged{i}", p.name))
     return p
+
+
+# --- the run folder ---------------------------------------------------------------------------------------------------
+
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "final", "checkpoints", "curves.png", "tensorboard", "wandb")
+
+
+def saved_settings(saved: dict) -> dict:
+    """A config.json written by an earlier version, in today's layout: renamed fields under their new names, and
+    fields added since then at their defaults (the value the earlier run used, since the field did not exist)."""
+    saved = {sec: dict(fields) for sec, fields in saved.items()}
+    if "tis_cap" in saved.get("rollout", {}):  # moved to [algo]
+        saved.setdefault("algo", {}).setdefault("tis_cap", saved["rollout"].pop("tis_cap"))
+    for sec, fields in Config().to_dict().items():
+        for key, default in fields.items():
+            saved.setdefault(sec, {}).setdefault(key, default)
+    return saved
+
+
+def resume_refusal(out: Path, resolved: dict) -> str | None:
+    """Why a run with `resolved` settings must not start in `out`, or None. A rerun into a folder holding an earlier
+    run's outputs resumes it or is refused, never overwrites them: with a checkpoint it must be the same experiment
+    (every setting outside [trainer], which may extend or re-time a run, matches the saved config.json); without
+    one it cannot resume, so it would start over on top of them."""
+    earlier = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if latest(out) is None:
+        if not earlier:
+            return None
+        return (f"trainer.out_dir={str(out)!r} holds an earlier run's outputs ({', '.join(earlier)}) and no "
+                "checkpoint to resume from; a new run there would overwrite them. Use another trainer.out_dir, or "
+                "delete those to start over")
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+            raise ValueError("not an object of [section] objects")
+    except (OSError, ValueError) as e:  # missing, unreadable, or not JSON
+        return (f"trainer.out_dir={str(out)!r} holds checkpoints but no readable config.json to check this run's "
+                f"settings against ({type(e).__name__}: {e}). Restore it, or use another trainer.out_dir")
+    saved = saved_settings(saved)
+    diffs = [f"{sec}.{key}: {saved[sec][key]!r} -> {value!r}"
+             for sec, fields in resolved.items() if sec != "trainer"
+             for key, value in fields.items() if saved.get(sec, {}).get(key, value) != value]
+    diffs += [f"{sec}.{key}: {saved[sec][key]!r} -> (unset)" for sec in saved if sec != "trainer"
+              for key in saved[sec] if key not in resolved.get(sec, {})]
+    if diffs:
+        return (f"trainer.out_dir={str(out)!r} holds a checkpointed run with other settings "
+                f"({'; '.join(diffs)}); a rerun there resumes it. Use another trainer.out_dir or delete it")
+    return None
+
+
+def check_resume_config(out: Path, resolved: dict, info: DistInfo) -> None:
+    """Raise `resume_refusal` on every rank (collective). Rank 0 alone reads out_dir, before it writes config.json
+    there, so no rank can mistake that file for an earlier run's."""
+    why = parallel.broadcast_object(resume_refusal(out, resolved) if info.is_main else None)
+    if why is not None:
+        raise ValueError(why)
+
+
+def export_final(model: nn.Module, tok, out: Path, info: DistInfo) -> None:
+    """Write out/final/: the full (gathered) weights as an HF folder and the tokenizer `tok` (collective)."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if info.is_main:
+        models.save_pretrained(model, out / "final", state_dict=sd)
+        tok.save(out / "final")
+    parallel.barrier()

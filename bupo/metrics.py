@@ -1,9 +1,10 @@
 """Step metrics: metrics.jsonl (one object per step), a one-line console summary, optional wandb / TensorBoard,
-and the reward / entropy curve PNG written at the end of a run."""
+and what a run ends with: the reward / entropy curve PNG and a markdown table of the steps."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import warnings
@@ -118,6 +119,17 @@ def summary_line(record: dict) -> str:
             continue
         parts.append(f"{k}={v}" if isinstance(v, str) else f"{k}={v:.4g}")
     return "  ".join(parts)
+
+
+def final_table(records: list[dict]) -> str:
+    """Markdown table of the run: one row per step."""
+    cols = ("step", "phase", "reward_mean", "accuracy", "entropy", "response_len_mean", "time_step")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        cells = [r.get(c) for c in cols]
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) and not math.isnan(v) else str(v)
+                                       for v in cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path | None:

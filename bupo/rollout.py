@@ -17,16 +17,33 @@ Randomness: every sequence owns a torch.Generator seeded from (seed, prompt inde
 uniforms once, up front; a token is the inverse CDF of the sampled distribution at that uniform. So a sequence's
 tokens do not depend on the batch it lands in or on `max_batch_size` (up to float rounding of near-ties).
 
+Seeding, the one scheme of the project (training rollouts, validation, the auto internal layer, pass@k): a generate
+call gets `SamplingParams.seed = step_seed(run seed, purpose, step)` and `seed_index` = the global index of each of
+its prompts; sample j of the prompt with global index i draws from `sequence_seed(that seed, i, j)`
+(`SamplingParams.sample_seed`), in both engines. The purposes: "train" (index = position in the step's global batch),
+"val/<set>" and "passk/<dataset>" (index = the problem's row in the set; pass@k uses step 0), "auto". So a sample
+depends on (seed, purpose, step, index, j) only: not on the number of ranks, the batching or the order of runs.
+
+`Rollout` is the one record of a sample: the engines return it, the trainer adds its training signals (advantage,
+old and reference log-probs, the zero-variance filter) and `bupo.update` packs and trains on it; the entropy-flow
+analysis and the layer diagnostics pack it the same way (`bupo.update.pack`, `bupo.update.split_micro_batches`).
+
 Legend: B sequences in a batch, U distinct prompts in it, P longest prompt, N max_new_tokens, H hidden, V vocab.
 """
 
+import importlib.util
+import warnings
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+
+import models
+from models.liger import use_liger
 
 
 @dataclass(frozen=True)
@@ -68,20 +85,33 @@ class SamplingParams:
 
 
 @dataclass
-class Sample:
+class Rollout:
+    """One sampled response and what training attaches to it. The engines fill the first six fields; the trainer
+    sets advantage, old_logp, ref_logp and active before the update. Log-prob tensors are fp32, one per response
+    token."""
+
     prompt_ids: list[int]
     response_ids: list[int]  # ends with the stop id when finished
-    logprobs: list[float]  # one per response token, fp32 log-prob under the distribution it was sampled from
-    finished: bool  # True: ended on a stop id; False: hit max_new_tokens (truncated)
-    prompt_index: int  # index into the `prompts` list given to generate
-    sample_index: int  # 0..n-1
+    # the sampler's log-prob of each response token under the distribution it was drawn from (None: not reported)
+    logprobs: list[float] | torch.Tensor | None = None
+    finished: bool = True  # True: ended on a stop id; False: hit max_new_tokens (truncated)
+    prompt_index: int = 0  # index into the `prompts` list given to generate
+    sample_index: int = 0  # 0..n-1
+    advantage: float = 0.0  # broadcast over the response tokens
+    old_logp: torch.Tensor | None = None  # under the policy being optimized, before the update (None: = new, detached)
+    ref_logp: torch.Tensor | None = None  # under the reference policy (algo.kl_coef > 0)
+    active: bool = True  # False: left out of the loss and the token count (zero-variance group filter)
+
+    def __len__(self) -> int:
+        """Packed length: prompt + response tokens."""
+        return len(self.prompt_ids) + len(self.response_ids)
 
 
 @runtime_checkable
 class Engine(Protocol):
     """What the trainer needs from a sampler (the built-in engine here, vLLM in bupo.vllm_engine)."""
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         """len(prompts) * params.n samples, prompt-major: prompt 0's n samples first, then prompt 1's, ..."""
         ...
 
@@ -112,9 +142,9 @@ def sequence_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 def step_seed(seed: int, purpose: str, step: int) -> int:
     """The SamplingParams.seed of one generate call of a run: the run seed, what is sampled (`"train"`,
-    `"val/<set>"`, `"auto"`, a pass@k set) and the step, hashed together. With sequence_seed this is the one seeding
-    scheme of the project: sample j of the prompt at global position p draws from
-    sequence_seed(step_seed(seed, purpose, step), p, j), whatever the number of ranks and batches."""
+    `"val/<set>"`, `"auto"`, `"passk/<dataset>"`) and the step, hashed together. With sequence_seed this is the one
+    seeding scheme of the project (module docstring): sample j of the prompt with global index i draws from
+    sequence_seed(step_seed(seed, purpose, step), i, j), whatever the number of ranks and batches."""
     return sequence_seed(seed, zlib.crc32(purpose.encode()), step) & 0x7FFFFFFF
 
 
@@ -186,11 +216,11 @@ class BuiltinEngine:
     # --- the Engine protocol
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         params.check_prompts(len(prompts))
         self._check(prompts, params)
         seqs = [(p, s) for p in range(len(prompts)) for s in range(params.n)]  # prompt-major
-        out: list[Sample] = []
+        out: list[Rollout] = []
         for i in range(0, len(seqs), self.max_batch_size):
             out += self._generate_batch(prompts, seqs[i : i + self.max_batch_size], params)
         return out
@@ -293,9 +323,44 @@ class BuiltinEngine:
             logits = self._logits(h[:, 0])  # [b, V]
         tokens, logps, n_new, stopped = tokens.tolist(), logps.tolist(), n_new.tolist(), stopped.tolist()
         return [
-            Sample(list(prompts[p]), tokens[b][: n_new[b]], logps[b][: n_new[b]], stopped[b], p, s)
+            Rollout(list(prompts[p]), tokens[b][: n_new[b]], logps[b][: n_new[b]], stopped[b], p, s)
             for b, (p, s) in enumerate(seqs)
         ]
 
 
-__all__ = ["BuiltinEngine", "Engine", "Sample", "SamplingParams", "sample_tokens", "sequence_seed", "step_seed"]
+# --- engine choice ----------------------------------------------------------------------------------------------------
+
+def make_engine(kind: str, model_path: str | Path, *, device: torch.device, dtype: torch.dtype,
+                vocab_size: int | None, max_batch_size: int = 64, seed: int = 0,
+                gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, max_model_len: int = 4096,
+                liger: bool = False, flag: str = "rollout.engine") -> Engine:
+    """The rollout engine `kind` on the HF folder `model_path`, for the trainer and evals.passk alike.
+
+    kind: "builtin" (our modules, loaded in `dtype` on `device`, liger-kernel hooks when `liger`), "vllm"
+    (bupo.vllm_engine: `seed` is the engine seed, the other vLLM arguments are passed on) or "auto" (vllm on a CUDA
+    `device` when installed, else builtin, with a warning on CUDA). vocab_size: the tokenizer's real vocabulary
+    (sampling is masked to it). `flag` names the setting in errors and warnings. ImportError when vllm is asked for
+    and not installed.
+    """
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if kind == "auto":
+        kind = "vllm" if device.type == "cuda" and has_vllm else "builtin"
+        if device.type == "cuda" and not has_vllm:
+            warnings.warn(f"{flag}=auto: vllm is not installed, falling back to the built-in engine")
+    if kind == "vllm":
+        from bupo.vllm_engine import VLLM_RANGE, VLLMEngine
+        if not has_vllm:
+            raise ImportError(f"{flag}=vllm needs vllm {VLLM_RANGE} on a CUDA machine: pip install -e '.[gpu]' "
+                              f"(or use {flag}=builtin, which runs everywhere)")
+        return VLLMEngine(str(model_path), seed=seed, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                          tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                          vocab_size=vocab_size)
+    assert kind == "builtin", kind  # Config.validate and argparse accept only auto, builtin and vllm
+    model = models.load_pretrained(model_path, dtype=dtype, device=device)
+    if liger:
+        use_liger(model)
+    return BuiltinEngine(model, max_batch_size=max_batch_size, vocab_size=vocab_size)
+
+
+__all__ = ["BuiltinEngine", "Engine", "Rollout", "SamplingParams", "make_engine", "sample_tokens", "sequence_seed",
+           "step_seed"]

@@ -1,5 +1,9 @@
 """Packing rollouts into micro-batches, log-probs of the policy being optimized, and the PPO update.
 
+`pack` is the one packer of the project and `split_micro_batches` its one micro-batcher: the update and the old and
+reference log-probs (through `collective_micro_batches`, the same number of micro-batches on every rank), the
+entropy-flow analysis and the layer diagnostics (one packed batch) all feed `bupo.rollout.Rollout`s through them.
+
 Legend: S = sequences on this rank, total = packed tokens of a micro-batch, N = response tokens, H = hidden size.
 The policy being optimized is pi^k (raw residual after layer k, `layer=k`) in BuPO's phase one and the full policy
 (`layer=None`) after; both go through `model.hidden_states` + the fused log-prob/entropy kernel, so the
@@ -15,31 +19,17 @@ import torch
 from torch import nn
 
 import kernels
+from bupo.config import AlgoConfig
 from bupo.loss import bounded_ratio, policy_loss
 from bupo.parallel import DistInfo, all_reduce, reshard
+from bupo.rollout import Rollout
 
 
-def phase_one_names(name: str, k: int) -> bool:
-    """Parameters that change in phase one: layers 0..k and the embedding/head (tied or not)."""
+def is_phase_one_param(name: str, k: int) -> bool:
+    """Whether parameter `name` changes in phase one: layers 0..k and the embedding/head (tied or not)."""
     if name.startswith("model.layers."):
         return int(name.split(".")[2]) <= k
     return name in ("model.embed_tokens.weight", "lm_head.weight")
-
-
-@dataclass
-class Seq:
-    """One rollout: prompt + response token ids and the per-sequence training signals."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    advantage: float = 0.0
-    old_logp: torch.Tensor | None = None  # [len(response_ids)] under the policy being optimized, before the update
-    ref_logp: torch.Tensor | None = None  # [len(response_ids)] under the reference policy (kl_coef > 0)
-    sampler_logp: torch.Tensor | None = None  # [len(response_ids)] as reported by the rollout engine
-    active: bool = True  # False: left out of the loss and the token count (zero-variance group filter)
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.response_ids)
 
 
 @dataclass
@@ -51,8 +41,9 @@ class Packed:
     seq_index: torch.Tensor  # [N] which sequence each response token belongs to
 
 
-def pack(seqs: list[Seq], device: torch.device) -> Packed:
-    """Concatenate sequences into one row; position p-1+i predicts response token i of a prompt of length p."""
+def pack(seqs: list[Rollout], device: torch.device) -> Packed:
+    """Concatenate prompt + response of each rollout into one row; position p-1+i predicts response token i of a
+    prompt of length p (the last response token is fed too: packed lengths are len(rollout))."""
     ids, cu, pos, labels, owner = [], [0], [], [], []
     for s_i, s in enumerate(seqs):
         start, p, r = cu[-1], len(s.prompt_ids), len(s.response_ids)
@@ -81,7 +72,7 @@ def policy_logprobs(model: nn.Module, packed: Packed, *, layer: int | None, norm
     return kernels.linear_logprob_entropy(h, E, packed.labels, temperature=temperature)
 
 
-def split_micro_batches(seqs: list[Seq], token_budget: int, count: int | None = None) -> list[list[int]]:
+def split_micro_batches(seqs: list[Rollout], token_budget: int, count: int | None = None) -> list[list[int]]:
     """Indices of `seqs` in micro-batches. Without `count`: greedy fill up to `token_budget` tokens (a longer
     sequence gets a batch of its own). With `count`: exactly `count` batches balanced by tokens (longest first
     into the lightest; empty ones when there are fewer sequences), which keeps the number of FSDP backward passes
@@ -104,14 +95,32 @@ def split_micro_batches(seqs: list[Seq], token_budget: int, count: int | None = 
     return [sorted(b) for b in bins]
 
 
+def collective_micro_batches(seqs: list[Rollout], token_budget: int, *, balanced: bool = False) -> list[list[int]]:
+    """split_micro_batches with the same number of micro-batches on every rank, as FSDP2 needs (every forward and
+    backward is a collective): the largest greedy count over the ranks, and then either this rank's greedy fill
+    padded with empty batches or (`balanced`) that many token-balanced bins. A rank packs `filler()` for an empty
+    batch and gives it no weight. Collective: every rank calls it."""
+    greedy = split_micro_batches(seqs, token_budget)
+    count = int(all_reduce(torch.tensor([len(greedy)]), "max")[0])
+    if balanced:
+        return split_micro_batches(seqs, token_budget, count=count)
+    return greedy + [[] for _ in range(count - len(greedy))]
+
+
+def filler() -> Rollout:
+    """What a rank packs for a micro-batch it has nothing for: its forward keeps FSDP's collectives paired."""
+    return Rollout([0], [0])
+
+
 @torch.no_grad()
-def compute_logprobs(model: nn.Module, seqs: list[Seq], *, layer: int | None, norm: bool, temperature: float,
+def compute_logprobs(model: nn.Module, seqs: list[Rollout], *, layer: int | None, norm: bool, temperature: float,
                      token_budget: int, vocab_size: int | None = None) -> list[torch.Tensor]:
-    """Per-sequence log-probs [len(response)] (fp32, CPU) without gradient, micro-batched by tokens."""
+    """Per-sequence log-probs [len(response)] (fp32, CPU) without gradient, micro-batched by tokens (collective:
+    every rank runs as many forwards)."""
     out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     device = next(model.parameters()).device
-    for idx in split_micro_batches(seqs, token_budget):
-        packed = pack([seqs[i] for i in idx], device)
+    for idx in collective_micro_batches(seqs, token_budget):
+        packed = pack([seqs[i] for i in idx] or [filler()], device)
         logp, _ = policy_logprobs(model, packed, layer=layer, norm=norm, temperature=temperature,
                                   vocab_size=vocab_size)
         logp = logp.float().cpu()
@@ -126,20 +135,21 @@ def compute_logprobs(model: nn.Module, seqs: list[Seq], *, layer: int | None, no
 TOKEN_METRICS = ("loss", "pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "entropy", "kl_ref")
 
 
-def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list[Seq], *, info: DistInfo,
-                  layer: int | None, norm: bool, temperature: float, mini_batches: int, token_budget: int,
-                  clip_low: float, clip_high: float, dual_clip: float, entropy_coef: float = 0.0,
-                  kl_coef: float = 0.0, grad_clip: float = 0.0, tis_cap: float = 0.0,
-                  trainable: list[nn.Parameter] | None = None, scheduler=None,
+def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list[Rollout], algo: AlgoConfig, *,
+                  info: DistInfo, mini_batches: int, layer: int | None, norm: bool = False, temperature: float = 1.0,
+                  grad_clip: float = 0.0, trainable: list[nn.Parameter] | None = None, scheduler=None,
                   vocab_size: int | None = None) -> dict[str, float]:
     """Run `mini_batches` optimizer steps over this rank's `seqs` (split in order, equal counts on every rank).
 
-    The loss of each micro-batch is its token sum divided by the GLOBAL response-token count of the optimizer step
-    (all micro-batches, all ranks); the loss is scaled by `info.loss_scale` (the world size where FSDP2 averages
-    gradients over ranks, 1 where it sums them; measured by parallel.apply_fsdp) so the reduced gradient is exactly
-    the gradient of the global token mean. `trainable`: the parameters the
-    optimizer may touch (phase one: layers 0..k and the embedding/head); every other gradient is dropped before
-    the step so AdamW (weight decay included) skips those parameters entirely. `vocab_size`: see policy_logprobs.
+    `algo` gives the loss (clip_low, clip_high, dual_clip, entropy_coef, kl_coef, tis_cap) and the token budget of
+    a packed micro-batch (micro_batch_tokens). The policy being optimized is pi^layer (`layer`, `norm`,
+    `temperature`, `vocab_size`: see policy_logprobs). The loss of each micro-batch is its token sum divided by the
+    GLOBAL response-token count of the optimizer step (all micro-batches, all ranks); the loss is scaled by
+    `info.loss_scale` (the world size where FSDP2 averages gradients over ranks, 1 where it sums them; measured by
+    parallel.apply_fsdp) so the reduced gradient is exactly the gradient of the global token mean. `trainable`: the
+    parameters the optimizer may touch (phase one: layers 0..k and the embedding/head); every other gradient is
+    dropped before the step so AdamW (weight decay included) skips those parameters entirely. `grad_clip`: max
+    global gradient norm (0: off); `scheduler` steps with every optimizer step taken.
 
     Guards: an optimizer step whose summed loss (over all ranks) or global gradient norm is not finite is skipped
     (no weight, AdamW state or scheduler change) and counted in `nonfinite_skipped`; a mini-batch with no active
@@ -162,29 +172,15 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list
     for m in range(mini_batches):
         mini = [s for s in seqs[m * per_mini:(m + 1) * per_mini] if s.active]
         global_tokens = float(all_reduce(torch.tensor([sum(len(s.response_ids) for s in mini)]))[0])
-        count = int(all_reduce(torch.tensor([len(split_micro_batches(mini, token_budget))]), "max")[0])
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for idx in split_micro_batches(mini, token_budget, count=count):
-            # a rank with fewer sequences than `count` still runs a (zero-weight) pass: FSDP's collectives pair up
-            mb, scale = ([mini[i] for i in idx], 1.0) if idx else ([Seq([0], [0])], 0.0)
+        for idx in collective_micro_batches(mini, algo.micro_batch_tokens, balanced=True):
+            # a rank with fewer sequences than the others still runs a (zero-weight) pass: FSDP's collectives pair up
+            mb, scale = ([mini[i] for i in idx], 1.0) if idx else ([filler()], 0.0)
             packed = pack(mb, device)
             logp, ent = policy_logprobs(model, packed, layer=layer, norm=norm, temperature=temperature,
                                         vocab_size=vocab_size)
-            adv = torch.tensor([s.advantage for s in mb], device=device)[packed.seq_index]  # [N]
-            old = torch.cat([s.old_logp for s in mb]).to(device) if mb[0].old_logp is not None else logp.detach()
-            ref = torch.cat([s.ref_logp for s in mb]).to(device) if kl_coef and mb[0].ref_logp is not None else None
-            isw = None
-            # sampler vs trainer mismatch: only meaningful for the full policy (the sampler never samples pi^k)
-            if layer is None and mb[0].sampler_logp is not None and scale:
-                samp = torch.cat([s.sampler_logp for s in mb]).to(device)
-                if m == 0:
-                    sums["logp_mismatch"] += (old - samp).abs().sum()
-                    sums["mismatch_tokens"] += samp.numel()
-                if tis_cap:
-                    isw = bounded_ratio(old - samp).clamp(max=tis_cap)
-            loss, metrics = policy_loss(logp, old, adv, global_tokens=max(global_tokens, 1.0), clip_low=clip_low,
-                                        clip_high=clip_high, dual_clip=dual_clip, entropy=ent,
-                                        entropy_coef=entropy_coef, ref_logp=ref, kl_coef=kl_coef, is_weights=isw)
+            loss, metrics = _micro_batch_loss(algo, mb, packed, logp, ent, layer=layer, global_tokens=global_tokens,
+                                              sums=sums if m == 0 and scale else None)
             (loss * (info.loss_scale * scale)).backward()
             if not scale:
                 continue
@@ -208,12 +204,36 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, seqs: list
     reshard(model)  # a mini-batch without tokens ran no backward
     tot = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))).tolist()))  # one host sync for the step
     n = tot["tokens"]
-    out = {key: tot[key] / n if n else float("nan") for key in TOKEN_METRICS if key != "kl_ref" or kl_coef}
+    out = {key: tot[key] / n if n else float("nan") for key in TOKEN_METRICS if key != "kl_ref" or algo.kl_coef}
     out["logp_mismatch"] = tot["logp_mismatch"] / tot["mismatch_tokens"] if tot["mismatch_tokens"] else float("nan")
     out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
     out["updates"] = float(len(grad_norms))
     out["nonfinite_skipped"] = float(skipped)
     return out
+
+
+def _micro_batch_loss(algo: AlgoConfig, mb: list[Rollout], packed: Packed, logp: torch.Tensor, ent: torch.Tensor, *,
+                      layer: int | None, global_tokens: float,
+                      sums: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+    """policy_loss of one packed micro-batch: advantages broadcast over its response tokens, old log-probs (the new
+    ones, detached, when the trainer computed none), reference log-probs with kl_coef, and the truncated
+    importance weights of the sampler/trainer mismatch with tis_cap. `sums` (first mini-batch only) collects the
+    mismatch |old - sampler| of the full policy (the sampler never samples pi^k)."""
+    device = logp.device
+    adv = torch.tensor([s.advantage for s in mb], device=device)[packed.seq_index]  # [N]
+    old = torch.cat([s.old_logp for s in mb]).to(device) if mb[0].old_logp is not None else logp.detach()
+    ref = torch.cat([s.ref_logp for s in mb]).to(device) if algo.kl_coef and mb[0].ref_logp is not None else None
+    isw = None
+    if layer is None and mb[0].logprobs is not None:
+        samp = torch.cat([torch.as_tensor(s.logprobs, dtype=torch.float32) for s in mb]).to(device)  # [N]
+        if sums is not None:
+            sums["logp_mismatch"] += (old - samp).abs().sum()
+            sums["mismatch_tokens"] += samp.numel()
+        if algo.tis_cap:
+            isw = bounded_ratio(old - samp).clamp(max=algo.tis_cap)
+    return policy_loss(logp, old, adv, global_tokens=max(global_tokens, 1.0), clip_low=algo.clip_low,
+                       clip_high=algo.clip_high, dual_clip=algo.dual_clip, entropy=ent,
+                       entropy_coef=algo.entropy_coef, ref_logp=ref, kl_coef=algo.kl_coef, is_weights=isw)
 
 
 def _clip_and_check(model: nn.Module, keep: set[int] | None, grad_clip: float,

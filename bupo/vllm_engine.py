@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bupo.rollout import Sample, SamplingParams
+from bupo.rollout import Rollout, SamplingParams
 from bupo.weight_sync import DEFAULT_BUCKET_BYTES, chunk_by_bytes
 
 VLLM_RANGE = ">=0.10.2,<0.34"
@@ -106,7 +106,7 @@ class VLLMEngine:
 
     # --- sampling -------------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         """len(prompts) * params.n samples, prompt-major, with the sampling log-prob of every response token."""
         if params.layer is not None:
             raise ValueError(f"internal-policy sampling (layer={params.layer}) is only supported by the built-in "
@@ -207,14 +207,14 @@ def _load(model, bucket: list[tuple[str, torch.Tensor]]) -> None:
     model.load_weights(iter(bucket))
 
 
-def _to_sample(out, prompt: list[int], prompt_index: int, sample_index: int) -> Sample:
-    """One vllm RequestOutput (n=1) -> Sample. CompletionOutput: token_ids, logprobs (per token: {token_id: Logprob}),
-    finish_reason ('stop' = EOS / stop token, kept in token_ids; 'length' = max_tokens or max_model_len)."""
+def _to_sample(out, prompt: list[int], prompt_index: int, sample_index: int) -> Rollout:
+    """One vllm RequestOutput (n=1) -> Rollout. CompletionOutput: token_ids, logprobs (per token: {token_id:
+    Logprob}), finish_reason ('stop' = EOS / stop token, kept in token_ids; 'length' = max_tokens or max_model_len)."""
     c = out.outputs[0]
     ids = list(c.token_ids)
     lps = [float(c.logprobs[t][tok].logprob) for t, tok in enumerate(ids)] if c.logprobs is not None else []
     if len(lps) != len(ids):
         raise RuntimeError(f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens (SamplingParams.logprobs=0 "
                            "should return one per token)")
-    return Sample(prompt_ids=list(prompt), response_ids=ids, logprobs=lps, finished=c.finish_reason == "stop",
-                  prompt_index=prompt_index, sample_index=sample_index)
+    return Rollout(prompt_ids=list(prompt), response_ids=ids, logprobs=lps, finished=c.finish_reason == "stop",
+                   prompt_index=prompt_index, sample_index=sample_index)

@@ -1,11 +1,13 @@
 """Weight sync from the (FSDP2-sharded) trainer to a rollout engine: what to send, in which buckets, under which names.
 
+    sent_bytes = sync_weights(model, engine, k)   # after each update; k=None sends everything
+
 Pure planning (`plan_buckets`, `chunk_by_bytes`, `sync_names`) runs anywhere; `iter_full_tensors` is a collective
 under FSDP2 (every rank walks the same parameter order and gathers the same tensors).
 
 Sizes: a bucket holds at most `max_bucket_bytes` of full tensors (one bigger tensor gets a bucket of its own), so the
 peak extra memory of a sync is one bucket, whatever the model size. Phase one of BuPO sends only layers 0..k and the
-embedding/head: the other parameters did not change (bupo.update.phase_one_names).
+embedding/head: the other parameters did not change (bupo.update.is_phase_one_param).
 
 Names: we send HF checkpoint names (our module names mirror them), which is what the engines' loaders take: the
 built-in engine's modules have the same names, and vLLM's Llama/Qwen2/Qwen3 `load_weights` renames itself (q/k/v_proj
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from bupo.parallel import full_tensor
-from bupo.update import phase_one_names
+from bupo.update import is_phase_one_param
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20  # 512 MiB of full tensors per bucket
 
@@ -75,7 +77,7 @@ def chunk_by_bytes(named_tensors: Iterable[tuple[str, torch.Tensor]],
 def sync_names(model: nn.Module, k: int | None) -> list[str]:
     """Parameter names a sync sends, in parameter order: all of them (k=None), or phase one's layers 0..k and the
     embedding/head. A tied head is one Parameter, listed once as `model.embed_tokens.weight`."""
-    return [n for n, _ in model.named_parameters() if k is None or phase_one_names(n, k)]
+    return [n for n, _ in model.named_parameters() if k is None or is_phase_one_param(n, k)]
 
 
 def iter_full_tensors(model: nn.Module, names: Iterable[str], bucket_bytes: int = DEFAULT_BUCKET_BYTES, *,
@@ -102,3 +104,18 @@ def iter_full_tensors(model: nn.Module, names: Iterable[str], bucket_bytes: int 
             bucket.append((name, t))
             nbytes += t.numel() * t.element_size()
         yield bucket, nbytes
+
+
+def sync_weights(model: nn.Module, engine, k: int | None) -> int:
+    """Stream full tensors to the rollout engine in bounded buckets (only layers 0..k and the head when k is given,
+    cast to the engine's dtype before the FSDP all-gather when it has one); returns the bytes sent. Collective."""
+    sent = 0
+
+    def tensors():
+        nonlocal sent
+        for bucket, nbytes in iter_full_tensors(model, sync_names(model, k), dtype=getattr(engine, "dtype", None)):
+            sent += nbytes
+            yield from bucket
+
+    engine.update_weights(tensors())
+    return sent

@@ -1,7 +1,7 @@
 """Internal-policy entropy flow through the layers (paper Figs. 2-3) and the boundary layer.
 
     python -m evals.entropy_flow --model smollm2 --data arithmetic --num-prompts 32 --max-new-tokens 64 --out runs/ef
-    python -m evals.entropy_flow --model DIR --samples samples.jsonl --out runs/ef [--norm]
+    python -m evals.entropy_flow --model DIR --samples samples.jsonl --out runs/ef [--norm] [--tokenizer-vocab]
 
 Input: either --samples FILE.jsonl with rows {"prompt_ids": [...], "response_ids": [...]}, or a dataset
 (a name, a parquet path or 'arithmetic') whose first --num-prompts prompts (after a --seed shuffle) get one response
@@ -9,6 +9,8 @@ each from the built-in engine; those are written to <out>/samples.jsonl in the s
 Output: <out>/entropy_flow.json (bupo.analysis.entropy_flow's dict), <out>/entropy_flow.png (Fig. 2: entropy of
 the layer and module states through the layers) and <out>/entropy_change.png (Fig. 3: per-layer entropy change of
 ATTN and FFN, boundary layer marked). Layers are 0-based everywhere (paper layer = l + 1), the axes say so.
+The policies are softmaxes over every row of the unembedding, or with --tokenizer-vocab over the tokenizer's ids only
+(what the trainer's internal_layer='auto' and the trained policy use, when a checkpoint pads its embedding).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bupo.rollout import Rollout
 from evals import resolve_model
 
 XLABEL = "layer l (0-based; paper layer = l + 1)"
@@ -40,8 +43,8 @@ def _ids(row: dict, field: str, where: str, vocab_size: int) -> list[int]:
     return ids
 
 
-def read_samples(path: str | Path, vocab_size: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, response_ids) pairs from a jsonl file; ValueError naming the line and field of a bad row."""
+def read_samples(path: str | Path, vocab_size: int) -> list[Rollout]:
+    """Rollouts (prompt_ids, response_ids) from a jsonl file; ValueError naming the line and field of a bad row."""
     out = []
     with open(path, encoding="utf-8", errors="replace") as f:  # a non-UTF-8 line fails as "not valid JSON"
         for i, line in enumerate(f, 1):
@@ -57,13 +60,13 @@ def read_samples(path: str | Path, vocab_size: int) -> list[tuple[list[int], lis
             prompt = _ids(row, "prompt_ids", where, vocab_size)
             if not prompt:
                 raise ValueError(f"{where}: field 'prompt_ids' is empty")
-            out.append((prompt, _ids(row, "response_ids", where, vocab_size)))
+            out.append(Rollout(prompt, _ids(row, "response_ids", where, vocab_size)))
     if not out:
         raise ValueError(f"{path}: no samples")
     return out
 
 
-def generate_samples(model, tok, args) -> list[tuple[list[int], list[int]]]:
+def generate_samples(model, tok, args) -> list[Rollout]:
     from bupo.data import arithmetic_rows, load_rows, render_prompts
     from bupo.rollout import BuiltinEngine, SamplingParams
 
@@ -82,11 +85,12 @@ def generate_samples(model, tok, args) -> list[tuple[list[int], list[int]]]:
     out = engine.generate([p.ids for p in prompts], params)
     print(f"[entropy_flow] generated {sum(len(s.response_ids) for s in out)} tokens in {time.time() - t0:.1f}s",
           flush=True)
-    return [(list(s.prompt_ids), list(s.response_ids)) for s in out]
+    return out
 
 
-def write_samples(path: Path, samples: list[tuple[list[int], list[int]]]) -> None:
-    path.write_text("".join(json.dumps({"prompt_ids": p, "response_ids": r}) + "\n" for p, r in samples))
+def write_samples(path: Path, samples: list[Rollout]) -> None:
+    path.write_text("".join(json.dumps({"prompt_ids": list(s.prompt_ids), "response_ids": list(s.response_ids)})
+                            + "\n" for s in samples))
 
 
 # --- plots -------------------------------------------------------------------------------------------------------
@@ -162,6 +166,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--data", help="dataset name (math500, ..., 'arithmetic') or parquet path to sample from")
     p.add_argument("--out", required=True)
     p.add_argument("--norm", action="store_true", help="apply the final norm to every state (paper ablation)")
+    p.add_argument("--tokenizer-vocab", action="store_true",
+                   help="softmax over the tokenizer's ids only, as the trained policy (default: every embedding row)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts keep their last tokens")
@@ -215,10 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = models.load_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
     model.eval()
+    tok = Tokenizer.from_pretrained(path) if args.tokenizer_vocab or not args.samples else None
     if args.samples:
         samples = read_samples(args.samples, model.config.vocab_size)
     else:
-        samples = generate_samples(model, Tokenizer.from_pretrained(path), args)
+        samples = generate_samples(model, tok, args)
         write_samples(out / "samples.jsonl", samples)
         print(f"[entropy_flow] wrote {out / 'samples.jsonl'}", flush=True)
     t0 = time.time()
@@ -226,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     def progress(done: int, total: int) -> None:
         print(f"[entropy_flow] analysed {done}/{total} samples, {time.time() - t0:.1f}s", flush=True)
 
-    flow = entropy_flow(model, samples, norm=args.norm, batch_tokens=args.batch_tokens or None, progress=progress)
+    flow = entropy_flow(model, samples, norm=args.norm, batch_tokens=args.batch_tokens or None, progress=progress,
+                        vocab_size=tok.vocab_size if args.tokenizer_vocab else None)
     flow["model"] = str(path)
     (out / "entropy_flow.json").write_text(json.dumps(flow, indent=1))
     print(table(flow), flush=True)

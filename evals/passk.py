@@ -8,23 +8,27 @@ reports per dataset and overall (the mean over datasets, as the paper averages b
 avg@n = mean score, and pass@k = mean over problems of 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), c = correct
 samples of the problem. Generations are appended to <out>/generations.jsonl one batch at a time; a rerun with the
 same settings skips what is there (a crash loses at most the batch in flight; a truncated last line is dropped).
+Seeding (bupo.rollout's one scheme): sample j of problem i of a dataset draws from
+sequence_seed(step_seed(seed, "passk/<dataset>", 0), i, j), whatever the batching or the order of runs, so a resumed
+run draws what an uninterrupted one would have.
 Writes <out>/passk.json, <out>/passk.png and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 SETTINGS = ("model", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "enable_thinking",
-            "max_prompt_length", "chat_template")
+            "max_prompt_length", "chat_template", "seed_scheme")
+# How samples are seeded, recorded with the settings. 1 (files without the key, written before it existed): one
+# seed per batch of problems, from the batch's first problem; 2: per sample, bupo.rollout's scheme (module docstring).
+SEED_SCHEME = 2
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -83,6 +87,13 @@ def check_settings(out: Path, settings: dict) -> None:
             raise ValueError(f"{path}: not a valid JSON file ({e}); delete it or use a fresh --out") from None
         if not isinstance(old, dict):
             raise ValueError(f"{path}: expected a JSON object; delete it or use a fresh --out")
+        scheme = old.get("seed_scheme", 1)
+        if scheme != settings["seed_scheme"]:
+            raise ValueError(f"--out {out} holds generations drawn with seeding scheme {scheme} (an earlier "
+                             f"evals.passk: one seed per batch of problems); this version seeds each sample from "
+                             f"(seed, dataset, problem, sample) (scheme {settings['seed_scheme']}), so new samples "
+                             "would not be the ones that run would have drawn. Use a fresh --out, or delete the "
+                             "old one to start over")
         diff = {k: (old.get(k), settings[k]) for k in SETTINGS if old.get(k) != settings[k]}
         if diff:
             raise ValueError(f"--out {out} holds generations made with other settings {diff} (old, new); "
@@ -127,39 +138,20 @@ def read_template(path: str) -> str:
 
 
 def make_engine(kind: str, path: Path, tok, args):
+    """bupo.rollout.make_engine from the command line: bf16 on CUDA, fp32 on CPU."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    if kind == "auto":
-        kind = "builtin"
-        if cuda and importlib.util.find_spec("vllm") is not None:
-            kind = "vllm"
-        elif cuda:
-            warnings.warn("--engine auto: vllm is not installed, using the built-in engine")
-    if kind == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise SystemExit("error: --engine vllm needs vllm (pip install 'bupo[gpu]', CUDA only); "
-                             "use --engine builtin on this machine")
-        from bupo.vllm_engine import VLLMEngine
+    from bupo.rollout import make_engine as engine_for
 
-        return VLLMEngine(str(path), seed=args.seed, dtype=torch.bfloat16,
-                          gpu_memory_utilization=args.gpu_memory_utilization,
-                          tensor_parallel_size=args.tensor_parallel_size,
-                          max_model_len=args.max_prompt_length + args.max_new_tokens, vocab_size=tok.vocab_size)
-    import models
-    from bupo.rollout import BuiltinEngine
-
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    return BuiltinEngine(models.load_pretrained(path, dtype=dtype, device=device),
-                         max_batch_size=args.max_batch_size, vocab_size=tok.vocab_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return engine_for(kind, path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                      vocab_size=tok.vocab_size, max_batch_size=args.max_batch_size, seed=args.seed,
+                      gpu_memory_utilization=args.gpu_memory_utilization,
+                      tensor_parallel_size=args.tensor_parallel_size,
+                      max_model_len=args.max_prompt_length + args.max_new_tokens, flag="--engine")
 
 
 # --- generation --------------------------------------------------------------------------------------------------
-
-def batch_seed(seed: int, dataset: str, first_problem: int) -> int:
-    """A batch's seed depends on what it holds, not on the order of runs, so a resumed run redraws the same."""
-    return (seed * 1_000_003 + zlib.crc32(dataset.encode()) + 7919 * first_problem) % 2**31
-
 
 def plan_batches(problems: dict[str, list], n: int, batch_size: int, have: dict) -> list[tuple[str, list, dict]]:
     """Fixed batches of max(1, batch_size // n) problems per dataset; each with its missing sample indices."""
@@ -175,31 +167,24 @@ def plan_batches(problems: dict[str, list], n: int, batch_size: int, have: dict)
 
 
 def generate_batch(engine, tok, name: str, group: list, missing: dict, args) -> list[dict]:
+    """The missing samples of the problems in `group`, scored. Each problem with a missing sample is generated in
+    full (n samples, seed_index = its problem index) and only the missing ones are kept: they are what any other
+    run draws for them (module docstring), also for a problem a crash cut short."""
     from bupo.reward import score_batch
-    from bupo.rollout import SamplingParams
-
-    def params(n: int, seed: int) -> SamplingParams:
-        return SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              max_new_tokens=args.max_new_tokens, stop_token_ids=tuple(tok.stop_token_ids),
-                              seed=seed)
+    from bupo.rollout import SamplingParams, step_seed
 
     todo = [p for p in group if missing[p.row.index]]
-    if all(len(missing[p.row.index]) == args.n for p in todo):  # the usual case: one call for the batch
-        seed = batch_seed(args.seed, name, group[0].row.index)
-        samples = engine.generate([p.ids for p in todo], params(args.n, seed))
-        jobs = [(p, j) for p in todo for j in range(args.n)]
-    else:  # completing a problem that a crash cut short: a seed of its own, unrelated to the batch's
-        samples, jobs = [], []
-        for p in todo:
-            m = missing[p.row.index]
-            seed = batch_seed(args.seed, f"{name}/resume/{m[0]}", p.row.index)
-            samples += engine.generate([p.ids], params(len(m), seed))
-            jobs += [(p, j) for j in m]
-    texts = tok.decode_batch([s.response_ids for s in samples])
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens, stop_token_ids=tuple(tok.stop_token_ids),
+                            seed=step_seed(args.seed, f"passk/{name}", 0),
+                            seed_index=tuple(p.row.index for p in todo))
+    rollouts = engine.generate([p.ids for p in todo], params)
+    jobs = [(todo[s.prompt_index], s) for s in rollouts if s.sample_index in missing[todo[s.prompt_index].row.index]]
+    texts = tok.decode_batch([s.response_ids for _, s in jobs])
     results = score_batch(texts, [p.row.ground_truth for p, _ in jobs])
     rows = []
-    for (p, j), s, text, res in zip(jobs, samples, texts, results, strict=True):
-        row = {"dataset": name, "problem": p.row.index, "sample": j, "prompt_tokens": len(s.prompt_ids),
+    for (p, s), text, res in zip(jobs, texts, results, strict=True):
+        row = {"dataset": name, "problem": p.row.index, "sample": s.sample_index, "prompt_tokens": len(s.prompt_ids),
                "response_tokens": len(s.response_ids), "finished": s.finished, "score": res.score,
                "reason": res.reason, "response": text}
         if args.save_token_ids:
@@ -331,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": str(path), "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, "enable_thinking": args.enable_thinking,
-                "max_prompt_length": args.max_prompt_length, "chat_template": args.chat_template}
+                "max_prompt_length": args.max_prompt_length, "chat_template": args.chat_template,
+                "seed_scheme": SEED_SCHEME}
     check_settings(out, settings)
     tok = Tokenizer.from_pretrained(path)
     problems = load_problems(args.data, tok, args)

@@ -3,7 +3,8 @@
     dist_load_worker.py equal OUT DIR...   build on meta -> apply_fsdp -> load_sharded each HF folder; rank 0 writes
                                            its full state dict and logits on fixed ids to OUT (a safetensors file)
     dist_load_worker.py memory OUT DIR     per rank, the peak RSS above the start of start-up of the sharded path and
-                                           of the old one (load_pretrained, then apply_fsdp): OUT.rank{r}.json
+                                           of the old one (load_pretrained, then apply_fsdp), and the anonymous memory
+                                           the old one holds between the two: OUT.rank{r}.json
 """
 
 import gc
@@ -57,17 +58,28 @@ def _peak_of(fn) -> tuple[object, int]:
     return result, _status("VmHWM") - start
 
 
+def _old_order(path: str, info: parallel.DistInfo) -> tuple[torch.nn.Module, int]:
+    """load_pretrained, then apply_fsdp; and RssAnon in between, while the whole replica is held. Anonymous pages only:
+    under memory pressure the kernel drops file pages (shared libraries: ~240 MB for a CUDA build of torch) from the
+    resident set, which can lower a VmHWM peak by tens of MB but not this."""
+    model = models.load_pretrained(path)
+    held = _status("RssAnon")
+    return parallel.apply_fsdp(model, info), held
+
+
 def memory(out: str, path: str, info: parallel.DistInfo) -> None:
     models.build_meta(path)  # warm-up: the first meta build imports ~150 MB of modules (sympy, dynamo), once
     model, peak_sharded = _peak_of(lambda: sharded(path, info))
     shard_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     del model
     parallel.barrier()
-    model, peak_full = _peak_of(lambda: parallel.apply_fsdp(models.load_pretrained(path), info))
+    gc.collect()
+    anon = _status("RssAnon")
+    (model, held), peak_full = _peak_of(lambda: _old_order(path, info))
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max(t.numel() * 4 for _, t in models.iter_safetensors(path))  # as fp32
     rec = {"rank": info.rank, "world": info.world_size, "peak_sharded": peak_sharded, "peak_full": peak_full,
-           "shard_bytes": shard_bytes, "full_bytes": full_bytes, "largest_fp32": largest}
+           "held_full": held - anon, "shard_bytes": shard_bytes, "full_bytes": full_bytes, "largest_fp32": largest}
     with open(f"{out}.rank{info.rank}.json", "w") as f:
         json.dump(rec, f)
 

@@ -24,24 +24,26 @@ from torch._dynamo.utils import counters
 
 import models
 from bupo import checkpoint, parallel
-from bupo.update import Seq, compute_logprobs, pack, phase_one_names, policy_logprobs, update_policy
+from bupo.config import AlgoConfig
+from bupo.rollout import Rollout
+from bupo.update import compute_logprobs, is_phase_one_param, pack, policy_logprobs, update_policy
 
 K = 1
-LOSS = dict(clip_low=0.2, clip_high=0.2, dual_clip=10.0)
+ALGO = AlgoConfig(micro_batch_tokens=12, clip_low=0.2, clip_high=0.2, dual_clip=10.0)
 
 
-def lengths_batch(seed: int) -> list[Seq]:
+def lengths_batch(seed: int) -> list[Rollout]:
     """8 sequences whose lengths differ from w.batch(), so every micro-batch is a new packing."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(8):
         p, r = (int(x) for x in torch.randint(1, 10, (2,), generator=g))
         ids = torch.randint(1, 97, (p + r,), generator=g).tolist()
-        out.append(Seq(ids[:p], ids[p:], advantage=float(torch.randn((), generator=g))))
+        out.append(Rollout(ids[:p], ids[p:], advantage=float(torch.randn((), generator=g))))
     return out
 
 
-def with_old(seqs: list[Seq]) -> list[Seq]:
+def with_old(seqs: list[Rollout]) -> list[Rollout]:
     """Fixed old log-probs near the uniform policy's -log V, so the loss depends on the new log-probs (with the
     trainer's default old = new it would be -mean(advantage) whatever the model)."""
     g = torch.Generator().manual_seed(2)
@@ -50,7 +52,7 @@ def with_old(seqs: list[Seq]) -> list[Seq]:
     return seqs
 
 
-def share(seqs: list[Seq], info: parallel.DistInfo) -> list[Seq]:
+def share(seqs: list[Rollout], info: parallel.DistInfo) -> list[Rollout]:
     """This rank's part of each of the 2 mini-batches (as dist_update_worker)."""
     part = 4 // info.world_size
     return [s for m in range(2) for s in seqs[m * 4:(m + 1) * 4][info.rank * part:(info.rank + 1) * part]]
@@ -61,9 +63,9 @@ def build(info, **fsdp) -> torch.nn.Module:
 
 
 def update(model, opt, seqs, info, layer, mini_batches=2, grad_clip=0.0) -> dict:
-    trainable = [p for n, p in model.named_parameters() if phase_one_names(n, layer)] if layer is not None else None
-    return update_policy(model, opt, seqs, info=info, layer=layer, norm=False, temperature=1.0,
-                         mini_batches=mini_batches, token_budget=12, grad_clip=grad_clip, trainable=trainable, **LOSS)
+    trainable = [p for n, p in model.named_parameters() if is_phase_one_param(n, layer)] if layer is not None else None
+    return update_policy(model, opt, seqs, ALGO, info=info, mini_batches=mini_batches, layer=layer, norm=False,
+                         temperature=1.0, grad_clip=grad_clip, trainable=trainable)
 
 
 def gathered(model) -> dict[str, torch.Tensor]:

@@ -178,7 +178,8 @@ def test_inductor_compile_matches_eager_and_compiles_once(monkeypatch):
 
     import models
     from bupo import parallel
-    from bupo.update import Seq, compute_logprobs, pack
+    from bupo.rollout import Rollout
+    from bupo.update import compute_logprobs, pack
 
     monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
     info = parallel.init_distributed("cpu")
@@ -188,8 +189,8 @@ def test_inductor_compile_matches_eager_and_compiles_once(monkeypatch):
         g = torch.Generator().manual_seed(0)
         graphs = []
         for n_seqs in (2, 3, 1, 4):
-            seqs = [Seq(torch.randint(1, 67, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist(),
-                        torch.randint(1, 67, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist())
+            seqs = [Rollout(torch.randint(1, 67, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist(),
+                            torch.randint(1, 67, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist())
                     for _ in range(n_seqs)]
             packed = pack(seqs, torch.device("cpu"))
             for layer in (1, None):

@@ -103,8 +103,11 @@ def test_liger_hooks_go_on_policy_sampler_and_reference(tiny_model, tmp_path, mo
         seen.append(model)
         return {}
 
+    import bupo.rollout as rollout_mod
+
     monkeypatch.setattr(train_mod, "resolve_liger", lambda mode, device: mode == "auto")
     monkeypatch.setattr(train_mod, "use_liger", record)
+    monkeypatch.setattr(rollout_mod, "use_liger", record)  # the built-in sampler (bupo.rollout.make_engine)
     run(load_config(train_args(tiny_model, tmp_path / "l", 1, **{"algo.kl_coef": 0.01, "bupo.iterative_steps": 1})))
     assert len(seen) == 3 and len({id(m) for m in seen}) == 3  # policy, built-in sampler's copy, reference
     seen.clear()
@@ -116,12 +119,12 @@ def test_layer_diagnostics_step_is_the_token_mean_over_packed_responses(tiny_mod
     """Packed rollouts + response mask == each sequence on its own, weighted by its response tokens."""
     from bupo.analysis import layer_diagnostics
     from bupo.parallel import DistInfo
+    from bupo.rollout import Rollout
     from bupo.train import layer_diagnostics_step
-    from bupo.update import Seq
 
     model = models.load_pretrained(tiny_model)
     cfg = load_config(["--trainer.diag_seqs=2", "--rollout.temperature=0.8"])
-    seqs = [Seq([5, 9, 31], [7, 8, 2, 6]), Seq([11], [3, 4])]  # the caller picks the step's first diag_seqs
+    seqs = [Rollout([5, 9, 31], [7, 8, 2, 6]), Rollout([11], [3, 4])]  # the caller picks the step's first diag_seqs
     got = layer_diagnostics_step(cfg, model, seqs, 1, DistInfo(0, 1, 0, torch.device("cpu")), vocab_size=40000)
     assert set(got) == {"diag/cos_final", "diag/kl_final", "diag/cos_l2", "diag/kl_l2", "diag/cos_l3", "diag/kl_l3"}
     parts = []

@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from bupo.update import Seq, pack, split_micro_batches
+from bupo.rollout import Rollout
+from bupo.update import pack, split_micro_batches
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "dist_update_worker.py"
@@ -74,6 +75,22 @@ def test_two_processes_give_the_gradient_of_one(tmp_path, layer):
         torch.testing.assert_close(two[name] - init[name], one[name] - init[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_log_probs_with_uneven_micro_batch_counts_per_rank(tmp_path):
+    """Rank 0 needs several micro-batches, rank 1 one: both run as many FSDP forwards (a rank that stopped early
+    would leave the other waiting in an all-gather), and rank 0's log-probs equal one process's."""
+    one = _run(tmp_path / "u1.safetensors", "full", 1, "uneven")
+    two = _run(tmp_path / "u2.safetensors", "full", 2, "uneven")
+    torch.testing.assert_close(two["logp"], one["logp"], rtol=1e-5, atol=1e-6)
+
+
+def test_collective_micro_batches_on_one_process():
+    from bupo.update import collective_micro_batches
+
+    seqs = [Rollout([1] * a, [2] * b) for a, b in [(3, 2), (4, 4), (1, 1), (10, 10), (2, 2)]]
+    assert collective_micro_batches(seqs, 10) == split_micro_batches(seqs, 10)
+    assert collective_micro_batches(seqs, 10, balanced=True) == split_micro_batches(seqs, 10, count=4)
+
+
 def _metadata(path: Path) -> dict:
     with safe_open(str(path), "pt") as f:
         return {k: float(v) for k, v in f.metadata().items()}
@@ -107,11 +124,12 @@ def _tiny_setup(lr: float = 1e-2):
     return w, info, model, opt
 
 
-def _update(model, opt, seqs, info, **kw):
+def _update(model, opt, seqs, info, tis_cap=0.0, **kw):
+    from bupo.config import AlgoConfig
     from bupo.update import update_policy
-    args = dict(info=info, layer=None, norm=False, temperature=1.0, mini_batches=1, token_budget=64,
-                clip_low=0.2, clip_high=0.2, dual_clip=10.0, grad_clip=1.0)
-    return update_policy(model, opt, seqs, **{**args, **kw})
+    algo = AlgoConfig(micro_batch_tokens=64, clip_low=0.2, clip_high=0.2, dual_clip=10.0, tis_cap=tis_cap)
+    args = dict(info=info, layer=None, norm=False, temperature=1.0, mini_batches=1, grad_clip=1.0)
+    return update_policy(model, opt, seqs, algo, **{**args, **kw})
 
 
 def _snapshot(model, opt) -> tuple[dict, dict]:
@@ -190,7 +208,7 @@ def test_one_step_raises_positive_and_lowers_negative_responses(layer):
     advantage +1 rises and of every response with advantage -1 falls, under the policy being optimized (pi^k of
     layer 1 with only layers 0..1 and the head trainable, or the full policy)."""
     from bupo import parallel
-    from bupo.update import compute_logprobs, phase_one_names
+    from bupo.update import compute_logprobs, is_phase_one_param
     w, info, model, opt = _tiny_setup(lr=1e-3)
     try:
         seqs = w.batch()
@@ -198,7 +216,7 @@ def test_one_step_raises_positive_and_lowers_negative_responses(layer):
             s.advantage = 1.0 if i % 2 == 0 else -1.0
         kw = dict(layer=layer, norm=False, temperature=1.0, token_budget=64)
         before = [lp.mean() for lp in compute_logprobs(model, seqs, **kw)]
-        trainable = None if layer is None else [p for n, p in model.named_parameters() if phase_one_names(n, layer)]
+        trainable = None if layer is None else [p for n, p in model.named_parameters() if is_phase_one_param(n, layer)]
         m = _update(model, opt, seqs, info, layer=layer, trainable=trainable, grad_clip=0.0)
         assert m["updates"] == 1
         after = [lp.mean() for lp in compute_logprobs(model, seqs, **kw)]
@@ -224,7 +242,7 @@ def test_tis_weights_scale_the_update_and_the_mismatch_is_logged(cap, weight):
             seqs = w.batch()
             olds = compute_logprobs(model, seqs, layer=None, norm=False, temperature=1.0, token_budget=64)
             for s, lp in zip(seqs, olds):
-                s.old_logp, s.sampler_logp = lp, lp + 1.0
+                s.old_logp, s.logprobs = lp, lp + 1.0  # the sampler's log-probs
             m = _update(model, opt, seqs, info, grad_clip=0.0, tis_cap=tis_cap)
             return {n: p.detach().full_tensor() - init[n] for n, p in model.named_parameters()}, m
         finally:
@@ -240,7 +258,7 @@ def test_tis_weights_scale_the_update_and_the_mismatch_is_logged(cap, weight):
 
 
 def test_pack_positions_predict_response_tokens():
-    seqs = [Seq([5, 6, 7], [8, 9]), Seq([1], [2, 3, 4])]
+    seqs = [Rollout([5, 6, 7], [8, 9]), Rollout([1], [2, 3, 4])]
     p = pack(seqs, torch.device("cpu"))
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
     assert p.cu_seqlens.tolist() == [0, 5, 9]
@@ -250,7 +268,7 @@ def test_pack_positions_predict_response_tokens():
 
 
 def test_split_micro_batches():
-    seqs = [Seq([1] * a, [2] * b) for a, b in [(3, 2), (4, 4), (1, 1), (10, 10), (2, 2)]]
+    seqs = [Rollout([1] * a, [2] * b) for a, b in [(3, 2), (4, 4), (1, 1), (10, 10), (2, 2)]]
     greedy = split_micro_batches(seqs, 10)
     assert greedy == [[0], [1, 2], [3], [4]]
     fixed = split_micro_batches(seqs, 10, count=2)
@@ -268,7 +286,7 @@ def test_policy_logprobs_over_the_real_vocabulary_only():
                num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
     model = models.build_model(cfg, seed=0)
     V = 60
-    seqs = [Seq([3, 9, 4], [7, 59, 1]), Seq([5], [2, 8])]
+    seqs = [Rollout([3, 9, 4], [7, 59, 1]), Rollout([5], [2, 8])]
     packed = pack(seqs, torch.device("cpu"))
     for layer, norm in ((None, False), (0, True)):
         model.zero_grad(set_to_none=True)

@@ -223,8 +223,7 @@ def test_update_weights_order_buckets_and_states(fake_vllm, tmp_path):
 
 def test_sync_weights_feeds_the_engine_hf_names_in_buckets(fake_vllm, tmp_path):
     import models
-    from bupo.train import sync_weights
-    from bupo.weight_sync import sync_names
+    from bupo.weight_sync import sync_names, sync_weights
 
     cfg = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64,
            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
@@ -248,9 +247,9 @@ import models
 from bupo import parallel
 from bupo.rollout import SamplingParams
 from bupo.tokenizer import Tokenizer
-from bupo.train import sync_weights
-from bupo.update import Seq, compute_logprobs
+from bupo.update import compute_logprobs
 from bupo.vllm_engine import VLLMEngine
+from bupo.weight_sync import sync_weights
 
 info = parallel.init_distributed("cuda")
 path = models.smollm2_path()
@@ -267,8 +266,7 @@ assert all(lp <= 0 and lp == lp for s in samples for lp in s.logprobs)
 again = engine.generate(prompts, params)
 assert [s.response_ids for s in again] == [s.response_ids for s in samples], "same seed, same samples"
 model = models.load_pretrained(path, dtype=torch.float32, device=info.device)
-seqs = [Seq(s.prompt_ids, s.response_ids) for s in samples]
-trainer = torch.cat(compute_logprobs(model, seqs, layer=None, norm=False, temperature=1.0, token_budget=4096))
+trainer = torch.cat(compute_logprobs(model, samples, layer=None, norm=False, temperature=1.0, token_budget=4096))
 sampler = torch.tensor([lp for s in samples for lp in s.logprobs])
 mismatch = float((trainer - sampler).abs().mean())  # update_policy's logp_mismatch metric
 print("mismatch", mismatch)

@@ -134,7 +134,7 @@ def test_iter_full_tensors_fsdp_world_of_one():
             torch.testing.assert_close(t, ref[n], rtol=0, atol=0)
         # the trainer's sync into the built-in engine: phase one overwrites layers 0..1 + embedding only
         from bupo.rollout import BuiltinEngine
-        from bupo.train import sync_weights
+        from bupo.weight_sync import sync_weights
 
         target = models.build_model(TINY, seed=1)
         before = {n: p.detach().clone() for n, p in target.named_parameters()}

@@ -9,6 +9,7 @@ import torch
 
 import models
 from bupo.analysis import STATES, boundary_layer, entropy_flow, layer_diagnostics
+from bupo.rollout import Rollout
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,6 +52,10 @@ def samples(pair):
             for p, r in SHAPES]
 
 
+def rollouts(pairs) -> list[Rollout]:
+    return [Rollout(list(prompt), list(response)) for prompt, response in pairs]
+
+
 def hf_states(hf, ids: list[int]) -> list[dict]:
     """Per layer, the six states of one unpacked sequence, recorded by forward hooks on the HF modules."""
     got = [dict() for _ in hf.model.layers]
@@ -84,7 +89,7 @@ def naive_entropy(x: torch.Tensor, W: torch.Tensor, T: float) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def reference_flow(hf, samples, *, norm=False, T=1.0) -> dict:
+def reference_flow(hf, samples, *, norm=False, T=1.0, V=None) -> dict:
     L = hf.config.num_hidden_layers
     sums = {s: [0.0] * L for s in STATES}
     count = 0
@@ -100,7 +105,7 @@ def reference_flow(hf, samples, *, norm=False, T=1.0) -> dict:
                 if norm:
                     with torch.no_grad():
                         x = hf.model.norm(x)
-                sums[s][l] += naive_entropy(x, hf.lm_head.weight, T).sum().item()
+                sums[s][l] += naive_entropy(x, hf.lm_head.weight[:V], T).sum().item()
     return {s: [v / count for v in sums[s]] for s in STATES} | {"num_tokens": count}
 
 
@@ -109,7 +114,7 @@ def test_entropy_flow_matches_transformers_hooks(pair, samples, norm, T):
     ours, hf = pair
     ref = reference_flow(hf, samples, norm=norm, T=T)
     for batch_tokens in (8, None):  # several packed micro-batches, and one
-        flow = entropy_flow(ours, samples, norm=norm, temperature=T, batch_tokens=batch_tokens)
+        flow = entropy_flow(ours, rollouts(samples), norm=norm, temperature=T, batch_tokens=batch_tokens)
         assert flow["num_tokens"] == ref["num_tokens"] == sum(r for _, r in SHAPES)
         for s in STATES:
             torch.testing.assert_close(torch.tensor(flow[s]), torch.tensor(ref[s]), rtol=1e-5, atol=1e-5)
@@ -119,10 +124,24 @@ def test_entropy_flow_matches_transformers_hooks(pair, samples, norm, T):
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_entropy_flow_over_the_tokenizer_vocabulary(pair, samples):
+    """vocab_size: the policies are softmaxes over the first vocab_size unembedding rows (a checkpoint that pads its
+    embedding), as the trained policy; the default keeps every row."""
+    ours, hf = pair
+    V = hf.config.vocab_size - 7
+    ref = reference_flow(hf, samples, V=V)
+    flow = entropy_flow(ours, rollouts(samples), vocab_size=V)
+    assert flow["vocab_size"] == V and entropy_flow(ours, rollouts(samples))["vocab_size"] == hf.config.vocab_size
+    for s in STATES:
+        torch.testing.assert_close(torch.tensor(flow[s]), torch.tensor(ref[s]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="vocab_size"):
+        entropy_flow(ours, rollouts(samples), vocab_size=hf.config.vocab_size + 1)
+
+
 def test_entropy_flow_contract(pair, samples):
     ours, _ = pair
     L = ours.config.num_hidden_layers
-    flow = entropy_flow(ours, samples)
+    flow = entropy_flow(ours, rollouts(samples))
     for key in STATES + ("delta_layer", "delta_attn", "delta_ffn"):
         assert isinstance(flow[key], list) and len(flow[key]) == L
     assert flow["num_layers"] == L and flow["norm"] is False and "paper layer = l + 1" in flow["indexing"]
@@ -135,11 +154,11 @@ def test_entropy_flow_contract(pair, samples):
 def test_entropy_flow_bad_input(pair):
     ours, _ = pair
     with pytest.raises(ValueError, match="no response tokens"):
-        entropy_flow(ours, [([1, 2], [])])
+        entropy_flow(ours, rollouts([([1, 2], [])]))
     with pytest.raises(ValueError, match=r"samples\[1\].response_ids"):
-        entropy_flow(ours, [([1, 2], [3]), ([1], [10**6])])
+        entropy_flow(ours, rollouts([([1, 2], [3]), ([1], [10**6])]))
     with pytest.raises(ValueError, match="prompt_ids is empty"):
-        entropy_flow(ours, [([], [3])])
+        entropy_flow(ours, rollouts([([], [3])]))
 
 
 def test_boundary_layer_rule():
@@ -203,12 +222,12 @@ def test_entropy_flow_on_a_sharded_model_leaves_it_trainable(pair, samples):
     from bupo import parallel
 
     ours = pair[0]
-    want = entropy_flow(ours, samples)
+    want = entropy_flow(ours, rollouts(samples))
     model = copy.deepcopy(ours)
     info = parallel.init_distributed("cpu")
     try:
         parallel.apply_fsdp(model, info)
-        got = entropy_flow(model, samples)
+        got = entropy_flow(model, rollouts(samples))
         for key in ("layer_out", "ffn_out", "delta_ffn"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
         ids = torch.tensor([samples[0][0] + samples[0][1]])

@@ -45,6 +45,17 @@ def test_samples_file_reproduces(generated, tiny_chat_model, tmp_path):
     assert json.loads((tmp_path / "entropy_flow.json").read_text())["norm"] is True
 
 
+def test_tokenizer_vocab_flag(generated, tiny_chat_model, tmp_path):
+    """--tokenizer-vocab: the softmax over the tokenizer's ids (here every row: the tiny model pads nothing)."""
+    cli.main(["--model", str(tiny_chat_model), "--samples", str(generated / "samples.jsonl"), "--out", str(tmp_path),
+              "--tokenizer-vocab"])
+    a = json.loads((generated / "entropy_flow.json").read_text())
+    b = json.loads((tmp_path / "entropy_flow.json").read_text())
+    assert a["vocab_size"] == b["vocab_size"] == 49152
+    for key in KEYS:
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6)
+
+
 @pytest.mark.parametrize("line,match", [
     ('{"prompt_ids": [1, 2]}', "line 2: missing field 'response_ids'"),
     ('{"prompt_ids": [1, 2], "response_ids": "3 4"}', "line 2: field 'response_ids' must be a list"),

@@ -83,7 +83,28 @@ def test_errors(tiny_chat_model, tmp_path):
 def test_vllm_engine_missing_is_a_clear_error(tiny_chat_model, tmp_path, monkeypatch):
     import importlib.util
 
+    from bupo.cli import run_main
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(SystemExit, match="needs vllm"):
-        passk.main(_args(tiny_chat_model, tmp_path / "f", "--engine", "vllm"))
+        run_main(passk.main, _args(tiny_chat_model, tmp_path / "f", "--engine", "vllm"))
+
+
+def test_a_sample_depends_only_on_seed_dataset_problem_and_index(tiny_chat_model, tmp_path):
+    """Other batch sizes and other problem sets draw the same sample for the same (dataset, problem, sample)."""
+    passk.main(_args(tiny_chat_model, tmp_path / "a"))
+    passk.main(_args(tiny_chat_model, tmp_path / "b", "--batch-size", "7", "--max-prompts", "2"))
+    a = {_key(r): r["response"] for r in _rows(tmp_path / "a")}
+    b = {_key(r): r["response"] for r in _rows(tmp_path / "b")}
+    assert len(b) == 6 and all(a[key] == text for key, text in b.items())
+
+
+def test_generations_of_the_old_seeding_are_refused(tiny_chat_model, tmp_path):
+    out = tmp_path / "old"
+    passk.main(_args(tiny_chat_model, out, "--max-batches", "1"))
+    settings = json.loads((out / "passk_settings.json").read_text())
+    del settings["seed_scheme"]  # what a file of an earlier evals.passk holds
+    (out / "passk_settings.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="seeding scheme 1"):
+        passk.main(_args(tiny_chat_model, out))
