@@ -22,6 +22,8 @@ import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
+from models.hf_io import read_json_object
+
 # Appended after the generation prompt when thinking is switched off but the template has no `enable_thinking`.
 NO_THINK_SUFFIX = "<think>\n\n</think>\n\n"
 # End-of-turn / end-of-text tokens of common chat models; those present in the vocabulary stop generation.
@@ -109,16 +111,6 @@ def compile_template(source: str, what: str) -> jinja2.Template:
         raise ValueError(f"{what}: chat template syntax error at line {e.lineno}: {e.message}") from None
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid JSON file ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _read_tokenizer(path: Path) -> tokenizers.Tokenizer:
     try:
         return tokenizers.Tokenizer.from_file(str(path))
@@ -164,7 +156,7 @@ class Tokenizer:
         for f in (tok_file, cfg_file):
             if not f.is_file():
                 raise ValueError(f"missing tokenizer file {f}")
-        config = _read_json_object(cfg_file)
+        config = read_json_object(cfg_file)
         jinja_file = root / "chat_template.jinja"
         # As in transformers, a chat_template.jinja file takes priority over the config's entry.
         if jinja_file.is_file():
@@ -172,7 +164,7 @@ class Tokenizer:
         else:
             template = _select_template(config.get("chat_template"), cfg_file)
         gen_file = root / "generation_config.json"
-        gen = _read_json_object(gen_file) if gen_file.is_file() else None
+        gen = read_json_object(gen_file) if gen_file.is_file() else None
         tok = cls(_read_tokenizer(tok_file), config, template, gen, root)
         tok.template_origin = str(jinja_file if jinja_file.is_file() else cfg_file)
         return tok

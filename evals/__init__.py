@@ -5,9 +5,37 @@
 
 from pathlib import Path
 
+import torch
+
 import models
 
 
 def resolve_model(name: str) -> Path:
     """'smollm2' -> the packaged SmolLM2-135M-Instruct (converted from GGUF once); else a local HF folder."""
     return models.resolve_model_path(name, flag="--model")
+
+
+def pick_device(name: str) -> str:
+    """--device: 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' of a device that exists."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name!r} is invalid; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device={name!r} is invalid; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device={name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return name
+
+
+def load_model(args) -> tuple[Path, torch.nn.Module]:
+    """The model of an evals command from its --model, --device, --dtype and --out flags, in eval mode: the flags
+    and the output folder are checked before any weight is read. Returns (model folder, model)."""
+    from bupo.cli import check_out_dir
+
+    device = pick_device(args.device)
+    path = resolve_model(args.model)
+    check_out_dir(args.out, "--out")
+    return path, models.load_pretrained(path, dtype=getattr(torch, args.dtype), device=device).eval()

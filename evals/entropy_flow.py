@@ -21,10 +21,8 @@ import random
 import time
 from pathlib import Path
 
-import torch
-
 from bupo.rollout import Rollout
-from evals import resolve_model
+from evals import load_model, pick_device  # noqa: F401 (pick_device: re-exported)
 
 XLABEL = "layer l (0-based; paper layer = l + 1)"
 
@@ -192,35 +190,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def pick_device(name: str) -> str:
-    """--device: 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' of a device that exists."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device={name!r} is invalid; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device={name!r} is invalid; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device={name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
-    return name
-
-
 def main(argv: list[str] | None = None) -> dict:
-    import models
     from bupo.analysis import entropy_flow
-    from bupo.cli import check_out_dir
     from bupo.tokenizer import Tokenizer
 
     args = parse_args(argv)
-    device = pick_device(args.device)
-    path = resolve_model(args.model)
-    check_out_dir(args.out, "--out")
+    path, model = load_model(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = models.load_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
-    model.eval()
     tok = Tokenizer.from_pretrained(path) if args.tokenizer_vocab or not args.samples else None
     if args.samples:
         samples = read_samples(args.samples, model.config.vocab_size)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from evals import resolve_model
+from evals import load_model
 
 VIEWS = {"off": ("raw",), "on": ("norm",), "both": ("raw", "norm")}
 VIEW_TITLES = {"raw": "raw residual h_l (paper's pi^l)", "norm": "final norm applied: norm(h_l) (logit lens)"}
@@ -296,16 +296,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import models
-    from bupo.cli import check_out_dir
     from bupo.tokenizer import Tokenizer
-    from evals.entropy_flow import pick_device
 
     args = parse_args(argv)
-    device = pick_device(args.device)
-    path = resolve_model(args.model)
-    check_out_dir(args.out, "--out")
-    model = models.load_pretrained(path, dtype=getattr(torch, args.dtype), device=device).eval()
+    path, model = load_model(args)
     tok = Tokenizer.from_pretrained(path)
     L = model.config.num_hidden_layers
     layers = parse_layers(args.layers, L)

@@ -64,7 +64,8 @@ def build_model(hf_config: dict, dtype=torch.float32, device="cpu", *, seed: int
     return model.to(dtype=dtype)
 
 
-def _read_json_object(f: Path) -> dict:
+def read_json_object(f: Path) -> dict:
+    """A JSON file that must hold an object; ValueError naming the file otherwise."""
     try:
         data = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -79,7 +80,7 @@ def _read_config(path: Path) -> dict:
     f = path / "config.json"
     if not f.is_file():
         raise ValueError(f"{path} is not an HF model folder: config.json is missing")
-    hf_config = _read_json_object(f)
+    hf_config = read_json_object(f)
     try:
         config_from_hf(hf_config)
     except (ValueError, TypeError) as e:  # an unsupported, missing or wrongly typed field
@@ -89,7 +90,7 @@ def _read_config(path: Path) -> dict:
 
 def _checkpoint_files(path: Path) -> list[Path]:
     if (path / INDEX).is_file():
-        weight_map = _read_json_object(path / INDEX).get("weight_map")
+        weight_map = read_json_object(path / INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{path / INDEX}: no 'weight_map' of tensor name -> file name")
         files = [path / f for f in sorted(set(weight_map.values()))]
