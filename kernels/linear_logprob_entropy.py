@@ -184,19 +184,14 @@ def _triton_forward(h, w, y, inv_t: float, splits: int | None = None):
 
 
 # The backward's GEMMs run in cuBLAS with fp32 sums. 16-bit operands with an fp32 result need `out_dtype` (CUDA,
-# torch >= 2.8); addmm with an fp32 C needs torch >= 2.10 (before, C must be 16-bit: we add an fp32 product). CPU
-# (the interpreter tests) upcasts: exact products, same sums. fp32 GEMMs follow allow_tf32 (off by default).
-_TORCH = torch.torch_version.TorchVersion(torch.__version__)
-_MM_OUT_DTYPE, _ADDMM_FP32_C = _TORCH >= (2, 8), _TORCH >= (2, 10)
+# torch >= 2.8, our lowest); addmm with an fp32 C needs torch >= 2.10 (before, C must be 16-bit: we add an fp32
+# product). CPU (the interpreter tests) upcasts: exact products, same sums. fp32 GEMMs follow allow_tf32 (off by
+# default).
+_ADDMM_FP32_C = torch.torch_version.TorchVersion(torch.__version__) >= (2, 10)
 
 
 def _lowp_gemm_on_cuda(t: torch.Tensor) -> bool:
-    if not (t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)):
-        return False
-    if not _MM_OUT_DTYPE:
-        _warn_once(f"torch {torch.__version__} has no out_dtype for torch.mm: the linear_logprob_entropy backward "
-                   "upcasts its GEMM operands to fp32 (slower); torch >= 2.8 keeps them in 16 bit")
-    return _MM_OUT_DTYPE
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
 
 
 def _addmm_fp32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None) -> None:

@@ -1,16 +1,18 @@
 # Sourced by launch/demo.sh and launch/test.sh: make sure a Python environment with BuPO installed is active.
-# Uses the active virtualenv if there is one, else creates ./.venv. Installs torch==$BUPO_TORCH (default 2.13.0)
-# only when no torch is importable, so a CPU machine never pulls the CUDA wheels and a GPU machine keeps its own.
-# Usage: BUPO_EXTRAS=test . launch/env.sh
+# Uses $BUPO_VENV if set (created when missing), else the active virtualenv if there is one, else ./.venv.
+# Installs torch==$BUPO_TORCH (default 2.13.0) only when no torch is importable in it, so a CPU machine never pulls
+# the CUDA wheels and a GPU machine keeps its own.
+# Usage: BUPO_EXTRAS=test . launch/env.sh    (CI's second pass: BUPO_VENV=.venv-torch28 BUPO_TORCH=2.8.0)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ -z "${VIRTUAL_ENV:-}" ]; then
-    if [ ! -x .venv/bin/python ]; then
-        echo "[bupo] creating virtualenv .venv"
-        python3 -m venv .venv
+if [ -n "${BUPO_VENV:-}" ] || [ -z "${VIRTUAL_ENV:-}" ]; then
+    venv="${BUPO_VENV:-.venv}"
+    if [ ! -x "$venv/bin/python" ]; then
+        echo "[bupo] creating virtualenv $venv"
+        python3 -m venv "$venv"
     fi
     # shellcheck disable=SC1091
-    . .venv/bin/activate
+    . "$venv/bin/activate"
 fi
 pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
 if ! python -c "import torch" >/dev/null 2>&1; then

@@ -173,6 +173,8 @@ def test_trainer_user_errors_are_one_line_naming_the_culprit(tiny_model, tmp_pat
 
 def _run(args: list[str], env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("BUPO_TRACEBACK", "RANK", "TORCHELASTIC_ERROR_FILE")}
+    # the launchers run `python` and `torchrun` from PATH: this interpreter's, also when its venv is not activated
+    full["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full.get("PATH", "")])
     return subprocess.run(args, cwd=ROOT, env={**full, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
 
