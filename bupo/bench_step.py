@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
            "dtype": str(compute).removeprefix("torch."), "tokens": args.seqs * (args.prompt_len + args.resp_len)}
     if info.is_main:
         print(json.dumps(out))
-    parallel.destroy()
+    parallel.destroy(wait=True)
     return out
 
 

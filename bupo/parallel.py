@@ -53,8 +53,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
-def destroy() -> None:
+def destroy(wait: bool = False) -> None:
+    """Leave the process group. wait=True (a rank that finished normally) first waits for the other ranks, so none
+    tears gloo down while a peer still talks to it (2-process runs aborted now and then at exit: 'terminate called
+    without an active exception'); a failing rank does not wait for peers that may never arrive."""
     if dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

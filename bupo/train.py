@@ -271,9 +271,12 @@ def run(cfg: Config) -> list[dict]:
     """Train with `cfg`; returns the metrics records (on rank 0). Leaves no process group behind, also on errors."""
     info = parallel.init_distributed(cfg.trainer.device)
     try:
-        return _train(cfg, info)
-    finally:
+        records = _train(cfg, info)
+    except BaseException:
         parallel.destroy()
+        raise
+    parallel.destroy(wait=True)
+    return records
 
 
 def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:

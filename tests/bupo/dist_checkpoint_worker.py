@@ -55,7 +55,7 @@ def main(out: Path) -> None:
     info = parallel.init_distributed("cpu")
     results = {name: scenario(out / str(i), info, damage) for i, (name, damage) in enumerate(DAMAGE.items())}
     (out / f"result_rank{info.rank}.json").write_text(json.dumps(results))
-    parallel.destroy()
+    parallel.destroy(wait=True)
 
 
 if __name__ == "__main__":

@@ -90,8 +90,10 @@ def main() -> None:
     info = parallel.init_distributed("cpu")
     try:
         equal(out, dirs, info) if mode == "equal" else memory(out, dirs[0], info)
-    finally:
+    except BaseException:
         parallel.destroy()
+        raise
+    parallel.destroy(wait=True)
 
 
 if __name__ == "__main__":

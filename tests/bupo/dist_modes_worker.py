@@ -143,7 +143,7 @@ def main(path: str) -> None:
     bf16_mode(info, out, meta)
     if info.is_main:
         save_file(out, path, metadata={k: repr(v) for k, v in meta.items()})
-    parallel.destroy()
+    parallel.destroy(wait=True)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def uneven_logprobs(model, info, out: str) -> None:
     logp = compute_logprobs(model, mine, layer=None, norm=False, temperature=1.0, token_budget=12)
     if info.is_main:
         save_file({"logp": torch.cat(logp).contiguous()}, out)
-    parallel.destroy()
+    parallel.destroy(wait=True)
 
 
 def main(out: str, layer_arg: str, mode: str = "") -> None:
@@ -69,7 +69,7 @@ def main(out: str, layer_arg: str, mode: str = "") -> None:
     full = {n: parallel.full_tensor(p.detach()).clone().contiguous() for n, p in model.named_parameters()}
     if info.is_main:
         save_file(full, out, metadata={k: repr(v) for k, v in metrics.items()})
-    parallel.destroy()
+    parallel.destroy(wait=True)
 
 
 if __name__ == "__main__":
