@@ -174,8 +174,10 @@ def _flatten(cfg: dict) -> dict:
 
 def load_run(path: str | Path) -> Run:
     p = Path(path)
-    if not p.is_dir():
+    if not p.exists():
         raise ValueError(f"run folder {p} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"{p} is a file, not a run folder (give out_dirs of python -m bupo.train)")
     metrics, config = p / "metrics.jsonl", p / "config.json"
     if not metrics.is_file():
         raise ValueError(f"{p} has no metrics.jsonl (give out_dirs of python -m bupo.train)")

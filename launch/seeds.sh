@@ -22,5 +22,6 @@ export -f run
 for s in 0 1 2; do
     printf 'grpo %s --bupo.iterative_steps=0\nbupo %s\nbupo_norm %s --bupo.norm=true\n' "$s" "$s" "$s"
 done | xargs -P 2 -L 1 bash -c 'run "$@"' _
-python -m evals.compare "$SEEDS_ROOT"/grpo_s* "$SEEDS_ROOT"/bupo_s* "$SEEDS_ROOT"/bupo_norm_s* --window 5 \
+# the trailing slashes keep the globs to the run folders (the logs beside them match the same names)
+python -m evals.compare "$SEEDS_ROOT"/grpo_s*/ "$SEEDS_ROOT"/bupo_s*/ "$SEEDS_ROOT"/bupo_norm_s*/ --window 5 \
     --out "$SEEDS_ROOT/compare"

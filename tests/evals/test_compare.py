@@ -131,6 +131,8 @@ def test_partial_runs_and_incomplete_last_line(tmp_path):
 
 @pytest.mark.parametrize("setup,match", [
     (lambda d: d.mkdir(), "has no metrics.jsonl"),
+    (lambda d: None, "does not exist"),
+    (lambda d: d.write_text("a log, not a run\n"), "is a file, not a run folder"),  # a glob that caught run.log
     (lambda d: (write_run(d, 0, 0, [0.1]), (d / "config.json").unlink()), "has no config.json"),
     (lambda d: (write_run(d, 0, 0, [0.1]), (d / "metrics.jsonl").write_text("")), "holds no step records"),
     (lambda d: (write_run(d, 0, 0, [0.1]), (d / "metrics.jsonl").write_text('{"step": 1}\n{oops\n{"step": 3}\n')),
