@@ -130,8 +130,15 @@ class Tokenizer:
         self._compiled: dict[str, jinja2.Template] = {}
         self.template_origin = "tokenizer"  # where the chat template came from, for errors (from_pretrained: its file)
         self.special_tokens = {n: s for n in SPECIAL_TOKEN_NAMES if (s := _token_str(config.get(n))) is not None}
-        gen_eos = (generation_config or {}).get("eos_token_id")
-        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        for n in SPECIAL_TOKEN_NAMES:  # a wrongly typed entry must not be dropped silently (eos would change)
+            if config.get(n) is not None and n not in self.special_tokens:
+                raise ValueError(f"{source}: tokenizer_config.json {n} must be a string or {{\"content\": string}}, "
+                                 f"got {config[n]!r}")
+        raw = (generation_config or {}).get("eos_token_id")
+        gen_eos = [] if raw is None else [raw] if isinstance(raw, int) else raw
+        if not isinstance(gen_eos, list) or not all(type(i) is int and i >= 0 for i in gen_eos):
+            raise ValueError(f"{source}: generation_config.json eos_token_id must be a token id or a list of them, "
+                             f"got {raw!r}")
         eos = self.special_tokens.get("eos_token")
         if eos is not None:
             self.eos_token_id = self._require_id(eos, "eos_token")

@@ -45,6 +45,11 @@ OMITTED = {
 }
 
 
+_LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
 @dataclass
 class DecoderConfig:
     """HF config.json fields; defaults are Llama-3.2-3B (the OctoThinker-3B architecture)."""
@@ -100,8 +105,9 @@ class DecoderConfig:
         kw["rope_theta"], kw["rope_scaling"] = _rope(kw["rope_theta"], d.get("rope_parameters") or kw["rope_scaling"])
         kw.setdefault("num_attention_heads", cls.num_attention_heads)
         kw.setdefault("num_key_value_heads", kw["num_attention_heads"])
-        if kw["head_dim"] is None:
-            kw["head_dim"] = kw.get("hidden_size", cls.hidden_size) // kw["num_attention_heads"]
+        if kw["head_dim"] is None:  # derived only from valid fields; validate() names a bad one
+            h, n = kw.get("hidden_size", cls.hidden_size), kw["num_attention_heads"]
+            kw["head_dim"] = h // n if _positive_int(h) and _positive_int(n) else None
         kw.setdefault("tie_word_embeddings", False)  # what transformers assumes when config.json omits it
         extra = {k: v for k, v in d.items() if k not in names and k not in _WRITTEN_BY_SAVE}
         cfg = cls(**kw, extra=extra)
@@ -114,6 +120,16 @@ class DecoderConfig:
         return copy.deepcopy(d)  # callers (transformers among them) may edit nested dicts in place
 
     def validate(self) -> None:
+        """ValueError naming the first field that is unsupported, of the wrong type or out of range."""
+        for name in _POSITIVE_INTS:
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not _positive_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.model_type not in ARCHITECTURES:
             raise ValueError(f"model_type {self.model_type!r} is not one of {sorted(ARCHITECTURES)}")
         if self.hidden_act != "silu":
@@ -121,6 +137,10 @@ class DecoderConfig:
         kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
         if kind not in ("default", "llama3"):
             raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3' or none)")
+        for name in _LLAMA3_ROPE if kind == "llama3" else ():
+            v = self.rope_scaling.get(name)  # the original length may be left out (then max_position_embeddings)
+            if not _positive_number(v) and not (v is None and name == "original_max_position_embeddings"):
+                raise ValueError(f"rope_scaling.{name} must be a positive number, got {v!r}")
         if self.mlp_bias and self.model_type != "llama":
             raise ValueError(f"mlp_bias=True is not supported for {self.model_type} (its MLPs have no bias)")
         if self.extra.get("use_sliding_window"):
@@ -132,9 +152,19 @@ class DecoderConfig:
             )
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+
+
 def _rope(theta: float, scaling: dict | None) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None for plain RoPE) from either layout: transformers < 5 writes rope_theta and
     rope_scaling (type or rope_type), >= 5 one rope_parameters dict holding both."""
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling / rope_parameters must be an object, got {scaling!r}")
     sc = dict(scaling or {})
     theta = sc.pop("rope_theta", theta)  # theta lives at the top level
     sc.setdefault("rope_type", sc.pop("type", "default"))

@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import random
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -189,3 +190,25 @@ def test_template_syntax_error_names_the_file_and_line(tmp_path):
     d2 = make_folder(tmp_path / "list", {"chat_template": [{"name": "default"}]})
     with pytest.raises(ValueError, match="chat_template is a list"):
         Tokenizer.from_pretrained(d2)
+
+
+@pytest.mark.parametrize("field, value", [("eos_token", 7), ("pad_token", ["<|endoftext|>"]),
+                                          ("bos_token", {"content": 5}), ("unk_token", True)])
+def test_wrongly_typed_special_token_is_an_error_not_dropped(tmp_path, field, value):
+    # dropped silently, eos_token=7 made generation_config's id the EOS: a different stop token, no message
+    d = make_folder(tmp_path, {field: value})
+    with pytest.raises(ValueError) as e:
+        Tokenizer.from_pretrained(d)
+    assert str(e.value) == (f'{d}: tokenizer_config.json {field} must be a string or {{"content": string}}, '
+                            f"got {value!r}")
+
+
+@pytest.mark.parametrize("value", ["151645", [151645, "x"], True, -1, {"id": 1}])
+def test_wrongly_typed_generation_eos_ids_are_an_error(tmp_path, value):
+    d = make_folder(tmp_path, {})
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+    with pytest.raises(ValueError, match=rf"generation_config.json eos_token_id must be a token id or a list of them, "
+                                         rf"got {re.escape(repr(value))}"):
+        Tokenizer.from_pretrained(d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    assert Tokenizer.from_pretrained(d).stop_token_ids[0] == Tokenizer.from_pretrained(d).eos_token_id

@@ -256,3 +256,30 @@ def test_key_mismatch_is_one_line_with_capped_lists(tmp_path):
         models.load_pretrained(tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path) in msg and "unexpected (" in msg and "more)" in msg, msg
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("hidden_size", "big", "hidden_size must be a positive integer, got 'big'"),
+    ("num_attention_heads", 0, "num_attention_heads must be a positive integer, got 0"),
+    ("num_hidden_layers", 2.5, "num_hidden_layers must be a positive integer, got 2.5"),
+    ("vocab_size", True, "vocab_size must be a positive integer, got True"),
+    ("head_dim", -8, "head_dim must be a positive integer, got -8"),
+    ("rms_norm_eps", "1e-5", "rms_norm_eps must be a positive number, got '1e-5'"),
+    ("rope_theta", 0, "rope_theta must be a positive number, got 0"),
+    ("tie_word_embeddings", "yes", "tie_word_embeddings must be true or false, got 'yes'"),
+    ("rope_scaling", "llama3", "rope_scaling / rope_parameters must be an object, got 'llama3'"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": "x", "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+     "rope_scaling.factor must be a positive number, got 'x'"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0},
+     "rope_scaling.low_freq_factor must be a positive number, got None"),
+])
+def test_wrongly_typed_config_field_names_the_file_and_field(tmp_path, field, value, match):
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY["llama_tied"], **{field: value})))
+    with pytest.raises(ValueError) as e:
+        models.load_pretrained(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'config.json'}: {match}"
+
+
+def test_llama3_rope_without_its_original_length_is_accepted():
+    sc = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    assert models.DecoderConfig.from_hf_dict(dict(TINY["llama_tied"], rope_scaling=sc)).rope_scaling == sc
