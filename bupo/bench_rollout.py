@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import models
+from bupo import cli
 from bupo.data import arithmetic_rows, render_prompts
 from bupo.rollout import BuiltinEngine, SamplingParams
 from bupo.tokenizer import Tokenizer
@@ -32,7 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bupo.bench_rollout", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="python -m bupo.bench_rollout", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=16, help="number of prompts (arithmetic task, chat template)")
     ap.add_argument("--n", type=int, default=1, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sample")

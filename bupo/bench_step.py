@@ -19,7 +19,7 @@ import time
 import torch
 
 import models
-from bupo import checkpoint, parallel
+from bupo import checkpoint, cli, parallel
 from bupo.config import AlgoConfig
 from bupo.rollout import Rollout
 from bupo.update import is_phase_one_param, update_policy
@@ -82,7 +82,7 @@ def model_config(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bupo.bench_step", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m bupo.bench_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=["custom", *SHAPES], default="custom",
                    help="custom: a random Llama-style model of --layers/--hidden/--vocab; else that model's config")
     p.add_argument("--layers", type=int, help="--shape custom (default 24)")

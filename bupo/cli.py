@@ -20,10 +20,12 @@ prefixed with its rank.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, NoReturn, TypeVar
 
@@ -79,8 +81,36 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise SystemExit(code)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the entry points' conventions: a usage error is one `error: ...` line naming the flag (exit
+    code 2, argparse's), and --help shows each option's default."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)", code=2)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        shown = shown and "default" not in text
+        return f"{text} (default: %(default)s)" if shown and action.option_strings else text
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    return f"warning: {kind}{message}\n"
+
+
 def run_main(main: Callable[..., T], *args: object) -> T:
-    """`main(*args)`; a user error becomes one `error: ...` line (SystemExit), a bug propagates."""
+    """`main(*args)`; a user error becomes one `error: ...` line (SystemExit), a bug propagates. Warnings print as
+    one `warning: ...` line each (with their source file and line under BUPO_TRACEBACK=1)."""
+    if not _traceback_wanted():
+        warnings.formatwarning = _warning_line
     try:
         return main(*args)
     except KeyboardInterrupt:

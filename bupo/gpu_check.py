@@ -32,6 +32,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bupo import cli
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 # module -> distribution; a required one missing fails the env part (the parts that need it fail too)
@@ -476,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         train_with_probe(argv[1:])
         return 0
-    p = argparse.ArgumentParser(prog="python -m bupo.gpu_check", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m bupo.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=list(PARTS))
     p.add_argument("--out", required=True, help="the check's output folder")
     p.add_argument("--budget", type=float, default=600.0, help="seconds this part may take (its timeout)")

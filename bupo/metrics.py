@@ -23,18 +23,32 @@ def peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def _is_object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line.decode()), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
 def jsonl_rows(path: str | Path, *, cut_partial: bool = False) -> list[tuple[int, dict]]:
     """(1-based line number, object) for every non-blank line of a jsonl file ([] when there is none).
 
     A last line without its newline is what a crash mid-write leaves: it is dropped with a warning (and cut off the
-    file when `cut_partial`, before appending to it). Any other line that is not a JSON object is a ValueError naming
-    the file and the line.
+    file when `cut_partial`, before appending to it), unless it is a whole JSON object (only the newline is missing;
+    then it is kept, and the newline is added when `cut_partial`). Any other line that is not a JSON object is a
+    ValueError naming the file and the line.
     """
     p = Path(path)
     if not p.is_file():
         return []
     data = p.read_bytes()
     end = data.rfind(b"\n") + 1
+    if end < len(data) and _is_object(data[end:]):
+        data += b"\n"
+        if cut_partial:
+            with open(p, "ab") as f:
+                f.write(b"\n")
+        end = len(data)
     if end < len(data):
         warnings.warn(f"{p}: dropping a truncated last line ({len(data) - end} bytes) left by an interrupted run")
         if cut_partial:

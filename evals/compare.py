@@ -27,9 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import warnings
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bupo import cli
 
 METRICS = ("reward_mean", "accuracy", "entropy", "response_len_mean")
 # Config fields that do not change what a run computes step by step; they may differ between replicates.
@@ -131,7 +133,8 @@ def welch_interval(a: list[float], b: list[float], level: float) -> dict:
 class Run:
     path: Path
     config: dict  # flattened: "section.field" -> value
-    records: dict[int, dict]  # step -> metrics record
+    records: dict[int, dict]  # step -> metrics record (the last one of a step logged twice)
+    repeated: list[int] = field(default_factory=list)  # steps logged more than once
     label: str = ""
 
     @property
@@ -192,7 +195,9 @@ def load_run(path: str | Path) -> Run:
         raise ValueError(f"{config}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{config}: expected the object of sections python -m bupo.train writes")
-    return Run(p, _flatten(cfg), {r["step"]: r for r in records})
+    steps = [r["step"] for r in records]
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    return Run(p, _flatten(cfg), {r["step"]: r for r in records}, repeated=repeated)
 
 
 def _show(v) -> str:
@@ -218,11 +223,6 @@ def group_runs(runs: list[Run], keys: list[str]) -> list[Group]:
     for r in runs:
         r.label = ", ".join(f"{k}={_show(r.config.get(k))}" for k in keys) or "all runs"
         groups.setdefault(r.label, Group(r.label)).runs.append(r)
-    for g in groups.values():
-        seeds = [r.seed for r in g.runs]
-        if len(set(map(_show, seeds))) < len(seeds):
-            warnings.warn(f"group {g.label!r} has runs with the same seed ({', '.join(map(_show, seeds))}): they "
-                          "are not independent replicates")
     return list(groups.values())
 
 
@@ -234,11 +234,9 @@ def _value(rec: dict | None, metric: str) -> float | None:
 
 
 def window_means(run: Run, metric: str, steps: list[int]) -> float | None:
-    """Mean of the metric over `steps`; None unless the run logged every one of them (finite values only)."""
-    if any(s not in run.records for s in steps):
-        return None
-    vals = [v for s in steps if (v := _value(run.records[s], metric)) is not None]
-    return sum(vals) / len(vals) if vals else None
+    """Mean of the metric over `steps`; None unless the run has a finite value at every one of them."""
+    vals = [_value(run.records.get(s), metric) for s in steps]
+    return None if not vals or None in vals else sum(vals) / len(vals)
 
 
 def windows(last_step: int, width: int, common: int) -> list[tuple[str, list[int]]]:
@@ -251,13 +249,19 @@ def windows(last_step: int, width: int, common: int) -> list[tuple[str, list[int
     return out
 
 
-def group_stats(g: Group, metrics: list[str], wins: list, level: float) -> dict:
+def group_stats(g: Group, metrics: list[str], wins: list, logged: dict[str, set[int]], level: float) -> dict:
+    """Per step and per window statistics of one group. A window of metric m covers the steps of it at which any
+    run logged m (`logged[m]`): every step for the trainer's per-step metrics, the validation steps for val/..."""
     steps = sorted(set().union(*(r.records for r in g.runs)))
     per_step = {m: [{"step": s, **t_interval([v for r in g.runs if (v := _value(r.records.get(s), m)) is not None],
                                              level)} for s in steps] for m in metrics}
-    per_window = {m: [{"steps": name, "run_means": [window_means(r, m, ws) for r in g.runs],
-                       **t_interval([v for r in g.runs if (v := window_means(r, m, ws)) is not None], level)}
-                      for name, ws in wins] for m in metrics}
+    per_window = {}
+    for m in metrics:
+        per_window[m] = []
+        for name, ws in wins:
+            means = [window_means(r, m, [s for s in ws if s in logged[m]]) for r in g.runs]
+            per_window[m].append({"steps": name, "run_means": means,
+                                  **t_interval([v for v in means if v is not None], level)})
     phase_one = sorted({s for r in g.runs for s, rec in r.records.items() if rec.get("phase") == "internal"})
     return {"runs": [str(r.path) for r in g.runs], "seeds": [r.seed for r in g.runs],
             "steps_per_run": [len(r.records) for r in g.runs], "phase_one_steps": phase_one,
@@ -278,18 +282,50 @@ def differences(stats: dict, base: str, metrics: list[str], wins: list, level: f
     return out
 
 
-def partial_notes(runs: list[Run], groups: list[Group]) -> list[str]:
-    lengths = {len(r.records) for r in runs}
-    if len(lengths) == 1:
-        return []
-    notes = ["runs have different step counts: " + "; ".join(
-        f"{g.label}: " + ", ".join(f"{r.path.name} {r.steps[-1] if r.steps else 0}" for r in g.runs)
-        for g in groups) + " (last step logged). Per-step statistics use the runs that reached each step (n is "
-        "given); a run counts in a window only if it logged all of the window's steps."]
+def _steps_text(steps: list[int]) -> str:
+    return f"{steps[:8]}{'...' if len(steps) > 8 else ''}"
+
+
+def data_notes(runs: list[Run], groups: list[Group], metrics: list[str], logged: dict[str, set[int]],
+               label: list[str] | None) -> list[str]:
+    """What a reader must know about the data: runs of different lengths, steps missing or logged twice, metric
+    values that are not finite numbers, and (with --label) groups that mix runs of different settings."""
+    notes = []
+    if len({r.steps[-1] for r in runs}) > 1:
+        notes.append("runs end at different steps: " + "; ".join(
+            f"{g.label}: " + ", ".join(f"{r.path.name} {r.steps[-1]}" for r in g.runs) for g in groups)
+            + " (last step logged). Per-step statistics use the runs that reached each step (n in compare.json); "
+            "a run counts in a window only if it has a value at each of the window's steps.")
     for r in runs:
         gaps = sorted(set(range(1, r.steps[-1] + 1)) - set(r.records))
         if gaps:
-            notes.append(f"{r.path}: steps {gaps[:8]}{'...' if len(gaps) > 8 else ''} are missing")
+            notes.append(f"{r.path}: steps {_steps_text(gaps)} are missing")
+        if r.steps[0] < 1:
+            notes.append(f"{r.path}: records with step < 1 ({_steps_text([s for s in r.steps if s < 1])}) are in no "
+                         "window (training steps count from 1)")
+        if r.repeated:
+            notes.append(f"{r.path}: steps {_steps_text(r.repeated)} are logged more than once; the last record of "
+                         "each is used")
+        for m in metrics:
+            bad = [s for s in r.steps if m in r.records[s] and _value(r.records[s], m) is None]
+            if bad:
+                notes.append(f"{r.path}: {m} is not a finite number at steps {_steps_text(bad)}; those steps count "
+                             "as missing")
+            absent = [s for s in sorted(logged[m]) if s in r.records and m not in r.records[s]]
+            if absent:
+                notes.append(f"{r.path}: {m} is not logged at steps {_steps_text(absent)} where other runs have it")
+    for g in groups:
+        seeds = [r.seed for r in g.runs]
+        if len(set(map(_show, seeds))) < len(seeds):
+            notes.append(f"group {g.label!r} has runs with the same seed ({', '.join(map(_show, seeds))}): they are "
+                         "not independent replicates")
+    if label:
+        for g in groups:
+            differ = [k for k in sorted(set().union(*(r.config for r in g.runs)) - set(IGNORED_KEYS) - set(label))
+                      if len({_show(r.config.get(k)) for r in g.runs}) > 1]
+            if differ:
+                notes.append(f"group {g.label!r} mixes runs whose settings differ in {', '.join(differ)} (--label "
+                             "groups by the given keys only)")
     return notes
 
 
@@ -313,8 +349,9 @@ def _cell(st: dict, metric: str, signed: bool = False) -> str:
 
 
 def markdown(result: dict) -> str:
-    labels, base, lvl = list(result["groups"]), result["baseline"], round(100 * result["level"])
-    out = [f"# Run comparison: {len(result['runs'])} runs in {len(labels)} groups", "",
+    labels, base, lvl = list(result["groups"]), result["baseline"], f"{100 * result['level']:g}"
+    n_runs = len(result["runs"])
+    out = [f"# Run comparison: {n_runs} run{'s' * (n_runs > 1)} in {len(labels)} group{'s' * (len(labels) > 1)}", "",
            f"Cells: mean over runs [{lvl}% Student t-interval] (n runs); differences: "
            f"group - `{base}` [{lvl}% Welch t-interval on per-run window means]. Windows of {result['window']} steps.",
            ""]
@@ -356,9 +393,13 @@ def plot(result: dict, path: Path) -> None:
             if band:
                 ax.fill_between([r["step"] for r in band], [r["lo"] for r in band], [r["hi"] for r in band],
                                 color=color, alpha=0.2, lw=0)
+        ends: dict[int, list[str]] = {}  # groups that end phase one after the same step share one line
+        for lab, st in result["groups"].items():
             if st["phase_one_steps"]:
-                end = st["phase_one_steps"][-1]
-                ax.axvline(end + 0.5, color=color, ls="--", lw=0.9, label=f"{lab}: phase one ends after step {end}")
+                ends.setdefault(st["phase_one_steps"][-1], []).append(lab)
+        for end, labs in ends.items():
+            ax.axvline(end + 0.5, color="0.35", ls="--", lw=0.9,
+                       label=f"phase one ends after step {end} ({len(labs)} group{'s' * (len(labs) > 1)})")
         ax.set_title(TITLES.get(m, m), fontsize=10)
         ax.set_xlabel("training step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -366,7 +407,7 @@ def plot(result: dict, path: Path) -> None:
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="best")
-    lvl = round(100 * result["level"])
+    lvl = f"{100 * result['level']:g}"
     fig.suptitle(f"mean over seeds, shaded: {lvl}% t-interval; dashed: end of phase one (pi^k)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -378,14 +419,22 @@ def plot(result: dict, path: Path) -> None:
 def compare(run_dirs: list[str], *, label: list[str] | None = None, baseline: str | None = None, window: int = 5,
             metrics: tuple[str, ...] | list[str] = METRICS, level: float = 0.95) -> dict:
     """The whole comparison as a JSON-ready dict (see the module docstring)."""
+    if not 0.5 <= level <= 0.9999:
+        raise ValueError(f"--level={level}: must be in [0.5, 0.9999]")
     runs = [load_run(d) for d in run_dirs]
-    if len({r.path.resolve() for r in runs}) < len(runs):
-        raise ValueError("a run folder is given twice")
+    seen: dict[Path, str] = {}
+    for d, r in zip(run_dirs, runs):
+        if r.path.resolve() in seen:
+            raise ValueError(f"run folder {d} is given twice (also as {seen[r.path.resolve()]})")
+        seen[r.path.resolve()] = str(d)
     metrics = list(metrics)
+    logged = {m: {s for r in runs for s in r.steps if _value(r.records[s], m) is not None} for m in metrics}
     for m in metrics:
         if not any(m in rec for r in runs for rec in r.records.values()):
             first = runs[0].records[runs[0].steps[0]]
             raise ValueError(f"--metrics {m}: no record of any run has it; keys: {', '.join(sorted(first))}")
+        if not logged[m]:
+            raise ValueError(f"--metrics {m}: no run has a finite number for it (it is not a numeric metric)")
     keys = label_keys(runs, label)
     groups = group_runs(runs, keys)
     labels = [g.label for g in groups]
@@ -395,10 +444,10 @@ def compare(run_dirs: list[str], *, label: list[str] | None = None, baseline: st
     last = max(r.steps[-1] for r in runs)
     common = min(r.steps[-1] for r in runs)
     wins = windows(last, window, common)
-    stats = {g.label: group_stats(g, metrics, wins, level) for g in groups}
-    notes = partial_notes(runs, groups)
+    stats = {g.label: group_stats(g, metrics, wins, logged, level) for g in groups}
+    notes = data_notes(runs, groups, metrics, logged, label)
     for n in notes:
-        warnings.warn(n)
+        print(f"warning: {n}", file=sys.stderr, flush=True)
     return {"runs": [{"dir": str(r.path), "label": r.label, "seed": r.seed, "num_steps": len(r.records),
                       "last_step": r.steps[-1]} for r in runs],
             "label_keys": keys, "baseline": base, "window": window, "level": level, "metrics": metrics,
@@ -410,7 +459,7 @@ def compare(run_dirs: list[str], *, label: list[str] | None = None, baseline: st
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m evals.compare", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m evals.compare", description=__doc__.split("\n\n")[0],
                                 epilog="Intervals: see the module docstring (Student t over seeds; Welch for "
                                        "differences; none for n=1).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="out_dir of python -m bupo.train")
@@ -425,12 +474,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.window < 1:
         raise ValueError(f"--window={args.window}: must be >= 1")
-    if not 0 < args.level < 1:
-        raise ValueError(f"--level={args.level}: must be in (0, 1)")
-    args.metrics = [m for m in args.metrics.split(",") if m]
-    if not args.metrics:
-        raise ValueError("--metrics is empty")
+    if not 0.5 <= args.level <= 0.9999:  # (1 + level) / 2 must stay inside (0.5, 1) in floating point
+        raise ValueError(f"--level={args.level}: must be in [0.5, 0.9999]")
+    args.metrics = _names(args.metrics, "--metrics")
+    args.label = _names(args.label, "--label") if args.label else None
     return args
+
+
+def _names(text: str, flag: str) -> list[str]:
+    """A comma-separated list of names: spaces around names ignored, each name once."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise ValueError(f"{flag}={text!r} names nothing")
+    return names
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -438,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     check_out_dir(args.out, "--out")
-    result = compare(args.runs, label=[k for k in args.label.split(",") if k] or None, baseline=args.baseline,
+    result = compare(args.runs, label=args.label, baseline=args.baseline,
                      window=args.window, metrics=args.metrics, level=args.level)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

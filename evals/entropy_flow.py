@@ -21,6 +21,7 @@ import random
 import time
 from pathlib import Path
 
+from bupo import cli
 from bupo.rollout import Rollout
 from evals import load_model, pick_device  # noqa: F401 (pick_device: re-exported)
 
@@ -157,7 +158,7 @@ def table(flow: dict) -> str:
 # --- main --------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m evals.entropy_flow", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m evals.entropy_flow", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF model folder, or 'smollm2'")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="jsonl with prompt_ids / response_ids rows")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bupo import cli
 from evals import load_model
 
 VIEWS = {"off": ("raw",), "on": ("norm",), "both": ("raw", "norm")}
@@ -76,7 +77,15 @@ def _topk_pass(x: torch.Tensor, E: torch.Tensor, target: torch.Tensor, k: int, i
         top_v, j = torch.cat([top_v, v], -1).topk(min(k, top_v.shape[1] + v.shape[1]), dim=-1)
         top_i = torch.cat([top_i, i + c0], -1).gather(-1, j)
     lse = m + torch.log(s)  # [N]
-    return top_v - lse[:, None], top_i, zt - lse, greater + 1
+    # zt (an elementwise dot) and the tile's matmul can differ in the last bits (~1e-4 on raw logits of ~100): where
+    # the target is among the top k, take its logit and rank from the tile, so p(target) equals its top-k p and no
+    # p exceeds 1; elsewhere its rank is beyond k by definition.
+    hit = top_i == target[:, None]  # [N, k]
+    in_top = hit.any(-1)
+    z_hit = torch.where(hit, top_v, -math.inf).max(-1).values
+    rank = torch.where(in_top, 1 + (top_v > z_hit[:, None]).sum(-1), torch.clamp(greater + 1, min=k + 1))
+    logp_t = torch.where(in_top, z_hit, torch.minimum(zt, top_v[:, -1])) - lse
+    return top_v - lse[:, None], top_i, logp_t.clamp(max=0.0), rank
 
 
 @torch.no_grad()
@@ -186,14 +195,18 @@ def to_json(res: dict, tok, ids: list[int], n_prompt: int, row_names: list[str])
             "final_prediction": [{"id": i, "text": text(i)} for i in first["target"].tolist()], "views": views}
 
 
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")  # a token such as '<|endoftext|>' must not split a table cell
+
+
 def table(data: dict, view: str, pos: int) -> str:
     """Markdown table of every row at one position."""
     v, tok = data["views"][view], data["tokens"][pos]
     fin = data["final_prediction"][pos]["text"]
     lines = [f"{VIEW_TITLES[view]}; position {pos}, input {tok['text']!r} -> final prediction {fin!r}", "",
-             f"| layer | entropy | p({fin!r}) | rank | top tokens |", "|---|---|---|---|---|"]
+             f"| layer | entropy | p({_md(repr(fin))}) | rank | top tokens |", "|---|---|---|---|---|"]
     for r, name in enumerate(data["rows"]):
-        tops = ", ".join(f"{t['text']!r} {t['p']:.3f}" for t in v["top"][r][pos])
+        tops = ", ".join(f"{_md(repr(t['text']))} {t['p']:.3f}" for t in v["top"][r][pos])
         lines.append(f"| {name} | {v['entropy'][r][pos]:.3f} | {v['p_final'][r][pos]:.3f} | "
                      f"{v['rank_final'][r][pos]} | {tops} |")
     return "\n".join(lines)
@@ -254,16 +267,18 @@ def plot(data: dict, path: Path, *, color: str, last: int, title: str) -> None:
 # --- main ---------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m evals.lens", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m evals.lens", description=__doc__.split("\n\n")[0],
                                 epilog="Row l at position t is a distribution over the token at t + 1.")
     p.add_argument("--model", required=True, help="HF model folder, or 'smollm2' (the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--out", required=True, help="folder for lens.json and lens.png")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--chat", dest="raw", action="store_false", help="render as one user turn (default)")
+    fmt.add_argument("--chat", dest="raw", action="store_false",
+                     help="render as one user turn through the chat template (default)")
     fmt.add_argument("--raw", dest="raw", action="store_true", help="encode the prompt text as is")
     p.set_defaults(raw=False)
-    p.add_argument("--system", default="", help="--chat: a system message before the user turn")
+    p.add_argument("--system", default="", help="--chat: the system message (replaces the template's default "
+                   "system turn where it has one, e.g. SmolLM2's)")
     p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="--chat: passed to the chat template (Qwen3)")
     p.add_argument("--layers", default="all", help="'all' or 0-based layers and ranges, e.g. '0-4,10,29'")
@@ -288,8 +303,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("max_new_tokens", "plot_positions"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 0")
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature={args.temperature}: must be > 0")
+    if not 0 < args.temperature < math.inf:
+        raise ValueError(f"--temperature={args.temperature}: must be a finite number > 0")
+    if not 0 <= args.sample_temperature < math.inf:
+        raise ValueError(f"--sample-temperature={args.sample_temperature}: must be a finite number >= 0 (0: greedy)")
+    if args.raw and (args.system or args.enable_thinking is not None):
+        flag = "--system" if args.system else "--enable-thinking/--no-enable-thinking"
+        raise ValueError(f"{flag} applies to the chat template, which --raw does not use")
     if not args.prompt:
         raise ValueError("--prompt is empty")
     return args

@@ -24,6 +24,8 @@ import time
 import warnings
 from pathlib import Path
 
+from bupo import cli
+
 SETTINGS = ("model", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "enable_thinking",
             "max_prompt_length", "chat_template", "seed_scheme")
 # How samples are seeded, recorded with the settings. 1 (files without the key, written before it existed): one
@@ -268,7 +270,7 @@ def parse_ks(text: str, n: int) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m evals.passk", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m evals.passk", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF model folder, or 'smollm2'")
     p.add_argument("--data", nargs="+", required=True,
                    help="dataset names (amc2023, math500, aime_2024, aime_2025, 'arithmetic') or parquet paths")

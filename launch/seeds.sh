@@ -3,19 +3,33 @@
 # with seeds 0, 1 and 2 (the demo's settings otherwise), then `python -m evals.compare` over the nine runs.
 # Runs two at a time, one thread each (on 2 cores as fast as one run with two threads). A finished run is skipped,
 # so an interrupted sweep continues where it stopped (an unfinished run resumes from its checkpoint).
-# Usage: bash launch/seeds.sh [OUT_ROOT]     (default runs/seeds; each run's log is OUT_ROOT/<name>_s<seed>.log)
+# Usage: bash launch/seeds.sh [OUT_ROOT] [--section.field=value ...]
+#   OUT_ROOT: default runs/seeds (relative to the current folder); each run's log is OUT_ROOT/<name>_s<seed>.log.
+#   Overrides go to every run, after the sweep's own (e.g. --trainer.total_steps=10 for a shorter sweep).
 set -euo pipefail
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+root="runs/seeds"
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then root=$1; shift; fi
+for a in "$@"; do
+    case "$a" in
+        -h|--help) usage; exit 0 ;;
+        --*.*=*) ;;
+        *) echo "error: $a: expected --section.field=value (see bash launch/seeds.sh --help)" >&2; exit 2 ;;
+    esac
+done
+case "$root" in /*) ;; *) root="$PWD/$root" ;; esac  # env.sh moves to the repository root
+export SEEDS_ROOT="$root" SEEDS_EXTRA="${*@Q}"  # the overrides, quoted for the runs' shells
 BUPO_EXTRAS=demo . "$(dirname "$0")/env.sh"
-export SEEDS_ROOT="${1:-runs/seeds}"
-mkdir -p "$SEEDS_ROOT"
+mkdir -p -- "$SEEDS_ROOT"
 run() {  # name seed overrides...
     local name=$1 seed=$2 out="$SEEDS_ROOT/$1_s$2"
     shift 2
     if [ -f "$out/final/model.safetensors" ]; then echo "[seeds] $out: already done"; return; fi
     echo "[seeds] $out: start $(date -u +%H:%M:%S)"
     local t0=$SECONDS
+    eval "local extra=($SEEDS_EXTRA)"
     python -m bupo.train --config launch/configs/cpu_demo.toml --trainer.seed="$seed" --trainer.out_dir="$out" \
-        --trainer.threads=1 "$@" > "$out.log" 2>&1 || { echo "[seeds] $out: FAILED (see $out.log)"; return 1; }
+        --trainer.threads=1 "$@" "${extra[@]}" > "$out.log" 2>&1 || { echo "[seeds] $out: FAILED (see $out.log)"; return 1; }
     echo "[seeds] $out: done in $((SECONDS - t0)) s"
 }
 export -f run

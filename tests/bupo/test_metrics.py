@@ -13,7 +13,7 @@ def _write(path, records, tail=""):
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
 
 
-@pytest.mark.parametrize("tail", ['{"step": 4, "loss": 0.', "{", '{"step": 4}'])  # the last one lost its newline
+@pytest.mark.parametrize("tail", ['{"step": 4, "loss": 0.', "{", '{"step": 4, "loss": 0.5}x', "[1]"])
 def test_a_cut_last_line_is_dropped_with_a_warning(tmp_path, tail):
     p = tmp_path / "metrics.jsonl"
     _write(p, [{"step": 1}, {"step": 2}, {"step": 3}], tail)
@@ -23,6 +23,18 @@ def test_a_cut_last_line_is_dropped_with_a_warning(tmp_path, tail):
     with pytest.warns(UserWarning, match="truncated last line"):
         assert [i for i, _ in jsonl_rows(p, cut_partial=True)] == [1, 2, 3]
     assert p.read_text() == "".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3))
+
+
+def test_a_whole_last_record_without_its_newline_is_kept(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    _write(p, [{"step": 1}, {"step": 2}], '{"step": 3, "loss": 0.5}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: nothing is dropped
+        assert read_jsonl(p) == [{"step": 1}, {"step": 2}, {"step": 3, "loss": 0.5}]
+        assert p.read_text().endswith("0.5}")  # a plain read leaves the file alone
+        assert [i for i, _ in jsonl_rows(p, cut_partial=True)] == [1, 2, 3]
+    assert p.read_text().endswith('0.5}\n')  # before appending, the newline is added
+    assert read_jsonl(p)[-1] == {"step": 3, "loss": 0.5}
 
 
 @pytest.mark.parametrize("bad, line, what", [

@@ -114,14 +114,14 @@ def test_label_override_and_baseline(two_groups, tmp_path):
     assert list(res["groups"]) == ["all runs"] and res["differences"] == []
 
 
-def test_partial_runs_and_incomplete_last_line(tmp_path):
+def test_partial_runs_and_incomplete_last_line(tmp_path, capsys):
     full = [write_run(tmp_path / f"f{s}", s, 0, [0.1 * s + 0.1 * i for i in range(6)]) for s in range(2)]
     short = write_run(tmp_path / "short", 2, 0, [0.5, 0.5, 0.5, 0.5],
                       extra_lines='{"step": 5, "phase": "full", "reward_me')  # killed while writing step 5
     with pytest.warns(UserWarning) as caught:
         res = cli.main([*map(str, full + [short]), "--out", str(tmp_path / "cmp"), "--window", "2"])
-    said = " ".join(str(w.message) for w in caught)
-    assert "truncated last line" in said and "different step counts" in said
+    assert "truncated last line" in " ".join(str(w.message) for w in caught)
+    assert "warning: runs end at different steps: all runs: f0 6, f1 6, short 4" in capsys.readouterr().err
     st = res["groups"]["all runs"]
     assert [r["n"] for r in st["per_step"]["reward_mean"]] == [3, 3, 3, 3, 2, 2]
     assert [w["n"] for w in st["windows"]["reward_mean"]] == [3, 3, 2, 3]  # 1-2, 3-4, 5-6, all 1-4
@@ -162,3 +162,83 @@ def test_cli_error_line_and_help(tmp_path):
         f"error: {tmp_path / 'empty'} has no metrics.jsonl (give out_dirs of python -m bupo.train)"]
     r = subprocess.run([sys.executable, "-m", "evals.compare", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--window" in r.stdout and "--label" in r.stdout
+
+
+def _records(d, recs):
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_a_nonfinite_value_takes_the_run_out_of_that_window_and_is_said(tmp_path, capsys):
+    runs = [write_run(tmp_path / f"r{s}", s, 0, [0.1 * s + 0.1 * i for i in range(6)]) for s in range(3)]
+    recs = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    recs[3]["reward_mean"] = float("nan")  # step 4
+    recs[4]["reward_mean"] = "0.5"  # step 5: a string is not a number either
+    _records(runs[0], recs)
+    res = cli.main([*map(str, runs), "--out", str(tmp_path / "c"), "--window", "3"])
+    w = res["groups"]["all runs"]["windows"]["reward_mean"]
+    assert [x["steps"] for x in w] == ["1-3", "4-6", "all 1-6"] and [x["n"] for x in w] == [3, 2, 2]
+    assert w[1]["run_means"][0] is None
+    assert f"warning: {runs[0]}: reward_mean is not a finite number at steps [4, 5]" in capsys.readouterr().err
+
+
+def test_steps_all_runs_skip_are_left_out_of_the_windows_and_gaps_are_named(tmp_path, capsys):
+    runs = [write_run(tmp_path / f"r{s}", s, 0, [0.1 * s + 0.1 * i for i in range(6)]) for s in range(2)]
+    for d in runs:  # both runs log every second step only
+        _records(d, [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()][::2])
+    res = cli.main([*map(str, runs), "--out", str(tmp_path / "c"), "--window", "2"])
+    w = res["groups"]["all runs"]["windows"]["reward_mean"]
+    assert [x["n"] for x in w] == [2, 2, 2, 2]  # 1-2, 3-4, 5-5 (last step 5), all 1-5: the logged steps count
+    assert w[0]["run_means"] == pytest.approx([0.0, 0.1])
+    assert f"warning: {runs[0]}: steps [2, 4] are missing" in capsys.readouterr().err
+
+
+def test_repeated_steps_and_steps_below_one_are_said(tmp_path, capsys):
+    runs = [write_run(tmp_path / f"r{s}", s, 0, [0.1, 0.2, 0.3]) for s in range(2)]
+    recs = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    _records(runs[0], [dict(recs[0], step=0), *recs[:2], dict(recs[1], reward_mean=0.9), recs[2]])
+    res = cli.main([*map(str, runs), "--out", str(tmp_path / "c"), "--window", "3"])
+    assert res["groups"]["all runs"]["windows"]["reward_mean"][0]["run_means"][0] == pytest.approx(
+        (0.1 + 0.9 + 0.3) / 3)  # the last record of step 2 is used; step 0 is in no window
+    err = capsys.readouterr().err
+    assert f"{runs[0]}: steps [2] are logged more than once; the last record of each is used" in err
+    assert f"{runs[0]}: records with step < 1 ([0]) are in no window" in err
+
+
+def test_a_label_that_merges_different_settings_is_said(two_groups, tmp_path, capsys):
+    bupo, grpo = two_groups
+    res = cli.main([*map(str, bupo + grpo), "--out", str(tmp_path / "c"), "--label", "optim.lr"])
+    assert list(res["groups"]) == ["optim.lr=1e-06"]
+    assert ("group 'optim.lr=1e-06' mixes runs whose settings differ in bupo.iterative_steps"
+            in capsys.readouterr().err)
+
+
+def test_name_lists_are_trimmed_and_deduplicated(two_groups, tmp_path):
+    bupo, grpo = two_groups
+    res = cli.main([*map(str, bupo + grpo), "--out", str(tmp_path / "c"), "--label",
+                    " bupo.iterative_steps , bupo.iterative_steps", "--metrics", "reward_mean, entropy,reward_mean"])
+    assert res["label_keys"] == ["bupo.iterative_steps"] and res["metrics"] == ["reward_mean", "entropy"]
+    for flags, match in ((["--label", ","], "--label=',' names nothing"),
+                         (["--metrics", " , "], "--metrics=' , ' names nothing"),
+                         (["--metrics", "phase"], "--metrics phase: no run has a finite number"),
+                         (["--level", "1e-17"], r"--level=1e-17: must be in \[0.5, 0.9999\]"),
+                         (["--level", "0.9999999999999999"], "must be in"), (["--level", "0.3"], "must be in")):
+        with pytest.raises(ValueError, match=match):
+            cli.main([*map(str, bupo + grpo), "--out", str(tmp_path / "c2"), *flags])
+    with pytest.raises(ValueError, match=rf"run folder {bupo[0]}/ is given twice \(also as {bupo[0]}\)"):
+        cli.main([str(bupo[0]), str(bupo[1]), f"{bupo[0]}/", "--out", str(tmp_path / "c3")])
+
+
+def test_level_is_written_as_given_and_one_run_is_singular(two_groups, tmp_path):
+    bupo, _ = two_groups
+    cli.main([*map(str, bupo), "--out", str(tmp_path / "c"), "--level", "0.995"])
+    assert "[99.5% Student t-interval]" in (tmp_path / "c" / "compare.md").read_text()
+    cli.main([str(bupo[0]), "--out", str(tmp_path / "c1")])
+    assert (tmp_path / "c1" / "compare.md").read_text().startswith("# Run comparison: 1 run in 1 group\n")
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    for args in ([], ["x"], ["x", "--out", str(tmp_path), "--window", "2.5"]):
+        r = subprocess.run([sys.executable, "-m", "evals.compare", *args], capture_output=True, text=True)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        assert lines[0].endswith("(see python -m evals.compare --help)")

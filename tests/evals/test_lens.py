@@ -134,3 +134,38 @@ def test_cli_error_line_and_help(tmp_path):
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: --model")
     r = subprocess.run([sys.executable, "-m", "evals.lens", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--norm" in r.stdout and "--max-new-tokens" in r.stdout
+
+
+def test_p_final_never_exceeds_one_and_agrees_with_the_top_list(run):
+    _, data = run
+    for v in data["views"].values():
+        for r, row in enumerate(v["p_final"]):
+            for t, p in enumerate(row):
+                assert 0 <= p <= 1
+                ids = [c["id"] for c in v["top"][r][t]]
+                fin = data["final_prediction"][t]["id"]
+                if fin in ids:  # the same number, not two roundings of it
+                    assert p == v["top"][r][t][ids.index(fin)]["p"]
+                    assert v["rank_final"][r][t] == 1 + sum(c["p"] > p for c in v["top"][r][t])
+                else:
+                    assert v["rank_final"][r][t] > len(ids) and p <= v["top"][r][t][-1]["p"]
+
+
+def test_table_escapes_the_cell_separator():
+    data = {"rows": ["0", "final"], "tokens": [{"text": "a|b"}], "final_prediction": [{"text": "<|end|>"}],
+            "views": {"raw": {"entropy": [[0.5], [0.1]], "p_final": [[0.2], [0.9]], "rank_final": [[2], [1]],
+                              "top": [[[{"text": "x|y", "p": 0.7}]], [[{"text": "<|end|>", "p": 0.9}]]]}}}
+    rows = cli.table(data, "raw", 0).splitlines()[2:]
+    assert all(len(row.replace("\\|", "").split("|")) == 7 for row in rows), rows  # 5 cells between 6 bars
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--temperature", "inf"], "--temperature=inf: must be a finite number > 0"),
+    (["--sample-temperature", "-1"], "--sample-temperature=-1.0: must be a finite number >= 0"),
+    (["--sample-temperature", "nan"], "--sample-temperature=nan"),
+    (["--raw", "--system", "be brief"], "--system applies to the chat template, which --raw does not use"),
+    (["--raw", "--enable-thinking"], "--enable-thinking/--no-enable-thinking applies to the chat template"),
+])
+def test_flags_are_checked_before_the_model_loads(tmp_path, flags, match):
+    with pytest.raises(ValueError, match=match):  # /nonexistent: a check after loading would fail on --model
+        cli.main(["--model", "/nonexistent", "--prompt", "hi", "--out", str(tmp_path), *flags])

@@ -42,3 +42,40 @@ def test_debug_1gpu_config_loads():
     assert cfg.rollout.engine == "vllm" and cfg.model.path == "smollm2" and cfg.trainer.device == "cuda"
     assert cfg.data.train_files == ["arithmetic"] and cfg.trainer.total_steps <= 10
     assert 0 < cfg.bupo.iterative_steps < cfg.trainer.total_steps  # both phases (and both sync kinds) run
+
+
+def test_seeds_sh_runs_nine_with_the_overrides_and_compares(tmp_path):
+    """launch/seeds.sh with python stubbed: the nine runs' command lines, overrides (quoting kept) passed to each,
+    OUT_ROOT relative to the caller's folder, the final compare, and usage errors."""
+    calls = tmp_path / "calls"
+    (tmp_path / "python").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> {calls}\n')
+    (tmp_path / "python").chmod(0o755)
+    venv = tmp_path / "venv"  # env.sh takes the active virtualenv; its install stamp goes here, not in a real one
+    venv.mkdir()
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv)}
+    env.pop("BUPO_VENV", None)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    sh = str(ROOT / "launch" / "seeds.sh")
+    r = subprocess.run(["bash", sh, "sweep", "--trainer.total_steps=3", "--data.chat_template={{ 'a b' }}"],
+                       env=env, cwd=work, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = calls.read_text().splitlines()
+    train = [c for c in lines if c.startswith("-m bupo.train")]
+    assert len(train) == 9
+    root = work / "sweep"
+    for name, seed, flags in (("grpo", 2, " --bupo.iterative_steps=0"), ("bupo_norm", 0, " --bupo.norm=true"),
+                              ("bupo", 1, "")):
+        assert (f"-m bupo.train --config launch/configs/cpu_demo.toml --trainer.seed={seed} "
+                f"--trainer.out_dir={root}/{name}_s{seed} --trainer.threads=1{flags} --trainer.total_steps=3 "
+                "--data.chat_template={{ 'a b' }}") in train
+    assert lines[-1] == (f"-m evals.compare {root}/grpo_s*/ {root}/bupo_s*/ {root}/bupo_norm_s*/ --window 5 "
+                         f"--out {root}/compare")  # no run folder exists under the stub: the globs stay as written
+    for args in (["--help"], ["-h"]):
+        h = subprocess.run(["bash", sh, *args], env=env, capture_output=True, text=True)
+        assert h.returncode == 0 and h.stdout.startswith("The CPU demo's claim over seeds")
+    for args in (["x", "y"], ["--bad"], ["x", "--trainer.seed"]):
+        bad = subprocess.run(["bash", sh, *args], env=env, cwd=work, capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+        assert "expected --section.field=value" in bad.stderr
+    assert not (work / "x").exists() and len(calls.read_text().splitlines()) == len(lines)
