@@ -147,3 +147,4 @@ if __name__ == "__main__":
     from bupo.cli import run_main
 
     run_main(main)
+    parallel.exit_process()

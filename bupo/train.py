@@ -391,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     from bupo.cli import run_main
 
     run_main(lambda: run(load_config(argv)))
+    parallel.exit_process()  # a finished torchrun rank leaves without the interpreter's teardown (see there)
 
 
 if __name__ == "__main__":

@@ -148,3 +148,4 @@ def main(path: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    parallel.exit_process()

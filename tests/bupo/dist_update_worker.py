@@ -74,3 +74,4 @@ def main(out: str, layer_arg: str, mode: str = "") -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    parallel.exit_process()
