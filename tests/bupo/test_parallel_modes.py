@@ -251,3 +251,20 @@ def test_config_refuses_compile_with_liger_on():
     with pytest.raises(ValueError, match="model.compile"):
         load_config(["--model.compile=true", "--model.liger=on"])
     assert load_config(["--model.compile=true", "--model.liger=off"]).model.compile
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_runs_exit_handlers_and_flushes_then_leaves(tmp_path, world_size):
+    """A finished torchrun rank leaves by os._exit (no interpreter teardown), after its atexit handlers and with its
+    output flushed; a single process returns and ends normally."""
+    code = ("import atexit, pathlib, sys\n"
+            "from bupo import parallel\n"
+            f"atexit.register(lambda: pathlib.Path({str(tmp_path / 'handler')!r}).write_text('ran'))\n"
+            "print('unflushed line', end='')\n"
+            "sys.stderr.write('err line')\n"
+            "parallel.exit_process()\n"
+            "print(' after')\n")
+    env = {**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "err line" and (tmp_path / "handler").read_text() == "ran"
+    assert r.stdout == ("unflushed line" if world_size == "2" else "unflushed line after\n")
