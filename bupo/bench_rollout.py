@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("prompts", "n", "max_new_tokens", "repeats", "max_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        raise ValueError(f"--warmup={args.warmup} must be >= 0 and --threads={args.threads} >= 1")
+    cli.check_flag("--warmup", args.warmup, args.warmup >= 0, ">= 0")
+    cli.check_flag("--threads", args.threads, args.threads is None or args.threads >= 1, ">= 1")
     if args.csv is not None and (args.csv.is_dir() or not args.csv.parent.is_dir()):
         raise ValueError(f"--csv {args.csv}: give a file in an existing folder (rows are appended to it)")
     if not args.skip_hf and importlib.util.find_spec("transformers") is None:

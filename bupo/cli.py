@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -92,18 +93,37 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)", code=2)
 
+    def format_help(self) -> str:
+        for action in self._actions:  # an option without help text still shows its default
+            if action.help is None and action.option_strings and _shows_default(action):
+                action.help = "(default: %(default)s)"
+        return super().format_help()
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    return action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
-        shown = shown and "default" not in text
-        return f"{text} (default: %(default)s)" if shown and action.option_strings else text
+        shown = _shows_default(action) and "default" not in text and action.option_strings
+        return f"{text} (default: %(default)s)" if shown else text
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     kind = "" if category is UserWarning else f"{category.__name__}: "
     return f"warning: {kind}{message}\n"
+
+
+def check_flag(flag: str, value: object, ok: bool, rule: str) -> None:
+    """ValueError '<flag>=<value>: must be <rule>' unless ok: each bad flag is named alone, before any work."""
+    if not ok:
+        raise ValueError(f"{flag}={value}: must be {rule}")
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(x)
 
 
 def run_main(main: Callable[..., T], *args: object) -> T:

@@ -146,6 +146,12 @@ def final_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_text(text: str) -> str:
+    """A string from data (a path, label or token) as matplotlib text: '$' escaped, so it is never read as mathtext
+    (a label holding '$\\frac$' would otherwise fail to draw)."""
+    return text.replace("$", r"\$")
+
+
 def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path | None:
     """Reward and entropy (of the optimized policy) per step; the phase switch is marked. Needs matplotlib."""
     if not records:
@@ -167,7 +173,7 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path 
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(plot_text(title))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

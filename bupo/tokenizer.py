@@ -54,6 +54,10 @@ def _select_template(chat_template: Any, source: Path) -> str | None:
         named = {t["name"]: t["template"] for t in chat_template}
     else:
         raise ValueError(f"{source}: chat_template has unsupported type {type(chat_template).__name__}")
+    bad = [name for name, t in named.items() if not isinstance(t, str)]
+    if bad:
+        kind = type(named[bad[0]]).__name__
+        raise ValueError(f"{source}: chat_template {bad[0]!r} is a {kind}, not a template string")
     if "default" in named:
         return named["default"]
     if len(named) == 1:
@@ -136,9 +140,9 @@ class Tokenizer:
                                  f"got {config[n]!r}")
         raw = (generation_config or {}).get("eos_token_id")
         gen_eos = [] if raw is None else [raw] if isinstance(raw, int) else raw
-        if not isinstance(gen_eos, list) or not all(type(i) is int and i >= 0 for i in gen_eos):
-            raise ValueError(f"{source}: generation_config.json eos_token_id must be a token id or a list of them, "
-                             f"got {raw!r}")
+        if not isinstance(gen_eos, list) or not all(type(i) is int and 0 <= i < tok.get_vocab_size() for i in gen_eos):
+            raise ValueError(f"{source}: generation_config.json eos_token_id must be a token id (0 to "
+                             f"{tok.get_vocab_size() - 1}) or a list of them, got {raw!r}")
         eos = self.special_tokens.get("eos_token")
         if eos is not None:
             self.eos_token_id = self._require_id(eos, "eos_token")

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bupo import cli
+from bupo.metrics import plot_text
 
 METRICS = ("reward_mean", "accuracy", "entropy", "response_len_mean")
 # Config fields that do not change what a run computes step by step; they may differ between replicates.
@@ -239,13 +240,18 @@ def window_means(run: Run, metric: str, steps: list[int]) -> float | None:
     return None if not vals or None in vals else sum(vals) / len(vals)
 
 
-def windows(last_step: int, width: int, common: int) -> list[tuple[str, list[int]]]:
-    """(name, steps) of 1-w, w+1-2w, ..., up to last_step (the last may be shorter), then 'all 1-common' (the
-    steps every run reached) unless that is already one of the windows."""
-    out = [(f"{a}-{min(a + width - 1, last_step)}", list(range(a, min(a + width - 1, last_step) + 1)))
-           for a in range(1, last_step + 1, width)]
-    if common >= 1 and list(range(1, common + 1)) not in [ws for _, ws in out]:
-        out.append((f"all 1-{common}", list(range(1, common + 1))))
+def windows(steps: list[int], width: int, common: int) -> list[tuple[str, list[int]]]:
+    """(name, logged steps) of the windows 1-w, w+1-2w, ... that hold at least one of `steps` (the sorted steps >= 1
+    that any run logged; a window no run logged is left out, so one stray step 10^6 adds one window, not 200000),
+    then 'all 1-common' (the steps every run reached) unless that is already one of the windows."""
+    last = steps[-1]
+    by_window: dict[int, list[int]] = {}
+    for s in steps:
+        by_window.setdefault((s - 1) // width, []).append(s)
+    out = [(f"{i * width + 1}-{min(i * width + width, last)}", ws) for i, ws in sorted(by_window.items())]
+    upto = [s for s in steps if s <= common]
+    if upto and upto not in [ws for _, ws in out]:
+        out.append((f"all 1-{common}", upto))
     return out
 
 
@@ -348,22 +354,36 @@ def _cell(st: dict, metric: str, signed: bool = False) -> str:
     return s + ("" if signed else f" (n={st['n']})")
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _code(label: str) -> str:
+    """A label as a markdown code span inside a table: '|' escaped (it would split the cell); a label holding a
+    backtick is fenced with two."""
+    fence = "``" if "`" in label else "`"
+    pad = " " if label.startswith("`") or label.endswith("`") else ""
+    return f"{fence}{pad}{label.replace('|', chr(92) + '|')}{pad}{fence}"
+
+
 def markdown(result: dict) -> str:
     labels, base, lvl = list(result["groups"]), result["baseline"], f"{100 * result['level']:g}"
     n_runs = len(result["runs"])
-    out = [f"# Run comparison: {n_runs} run{'s' * (n_runs > 1)} in {len(labels)} group{'s' * (len(labels) > 1)}", "",
-           f"Cells: mean over runs [{lvl}% Student t-interval] (n runs); differences: "
-           f"group - `{base}` [{lvl}% Welch t-interval on per-run window means]. Windows of {result['window']} steps.",
+    diff = (f"; differences: group - {_code(base)} [{lvl}% Welch t-interval on per-run window means]"
+            if len(labels) > 1 else "")
+    out = [f"# Run comparison: {_plural(n_runs, 'run')} in {_plural(len(labels), 'group')}", "",
+           f"Cells: mean over runs [{lvl}% Student t-interval] (n runs){diff}. Windows of {result['window']} steps.",
            ""]
     for lab, st in result["groups"].items():
         p1 = st["phase_one_steps"]
         phase = f", phase one steps {p1[0]}-{p1[-1]}" if p1 else ""
-        out.append(f"- `{lab}`: {len(st['runs'])} runs (seeds {', '.join(map(_show, st['seeds']))}){phase}")
+        out.append(f"- {_code(lab)}: {_plural(len(st['runs']), 'run')} (seeds {', '.join(map(_show, st['seeds']))})"
+                   f"{phase}")
     out += [f"- note: {n}" for n in result["notes"]]
     diffs = {(d["group"], d["metric"], d["steps"]): d for d in result["differences"]}
     for m in result["metrics"]:
         others = [lab for lab in labels if lab != base]
-        head = ["steps", *[f"`{lab}`" for lab in labels], *[f"`{lab}` - `{base}`" for lab in others]]
+        head = ["steps", *[_code(lab) for lab in labels], *[f"{_code(lab)} - {_code(base)}" for lab in others]]
         out += ["", f"## {m}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for i, w in enumerate(result["groups"][base]["windows"][m]):
             cells = [w["steps"], *[_cell(result["groups"][lab]["windows"][m][i], m) for lab in labels],
@@ -388,7 +408,8 @@ def plot(result: dict, path: Path) -> None:
             color = f"C{i}"
             rows = [r for r in st["per_step"][m] if r["mean"] is not None]
             steps = [r["step"] for r in rows]
-            ax.plot(steps, [r["mean"] for r in rows], color=color, lw=1.4, label=f"{lab} (n={len(st['runs'])})")
+            ax.plot(steps, [r["mean"] for r in rows], color=color, lw=1.4,
+                    label=plot_text(f"{lab} (n={len(st['runs'])})"))
             band = [r for r in rows if r["lo"] is not None]
             if band:
                 ax.fill_between([r["step"] for r in band], [r["lo"] for r in band], [r["hi"] for r in band],
@@ -397,9 +418,10 @@ def plot(result: dict, path: Path) -> None:
         for lab, st in result["groups"].items():
             if st["phase_one_steps"]:
                 ends.setdefault(st["phase_one_steps"][-1], []).append(lab)
-        for end, labs in ends.items():
-            ax.axvline(end + 0.5, color="0.35", ls="--", lw=0.9,
-                       label=f"phase one ends after step {end} ({len(labs)} group{'s' * (len(labs) > 1)})")
+        for j, (end, labs) in enumerate(ends.items()):
+            names = "all BuPO groups" if len(ends) == 1 else ", ".join(labs)
+            ax.axvline(end + 0.5, color=f"{0.35 + 0.2 * (j % 2):.2f}", ls=("--", ":")[j % 2], lw=0.9,
+                       label=plot_text(f"phase one ends after step {end} ({names})"))
         ax.set_title(TITLES.get(m, m), fontsize=10)
         ax.set_xlabel("training step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -441,9 +463,10 @@ def compare(run_dirs: list[str], *, label: list[str] | None = None, baseline: st
     base = labels[0] if baseline is None else baseline
     if base not in labels:
         raise ValueError(f"--baseline {base!r} is not a group; groups: {', '.join(map(repr, labels))}")
-    last = max(r.steps[-1] for r in runs)
-    common = min(r.steps[-1] for r in runs)
-    wins = windows(last, window, common)
+    steps = sorted({s for r in runs for s in r.steps if s >= 1})
+    if not steps:
+        raise ValueError("no run has a record with step >= 1 (training steps count from 1)")
+    wins = windows(steps, window, min(r.steps[-1] for r in runs))
     stats = {g.label: group_stats(g, metrics, wins, logged, level) for g in groups}
     notes = data_notes(runs, groups, metrics, logged, label)
     for n in notes:
@@ -458,6 +481,17 @@ def compare(run_dirs: list[str], *, label: list[str] | None = None, baseline: st
             "notes": notes, "groups": stats, "differences": differences(stats, base, metrics, wins, level)}
 
 
+def _finite(x):
+    """The result with non-finite floats (a mean of values near 1e308 overflows) as null: standard JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m evals.compare", description=__doc__.split("\n\n")[0],
                                 epilog="Intervals: see the module docstring (Student t over seeds; Welch for "
@@ -470,7 +504,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", help="group label the others are compared with (default: the first group)")
     p.add_argument("--window", type=int, default=5, help="steps per window mean")
     p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics.jsonl keys")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals, 0.5 to 0.9999")
     args = p.parse_args(argv)
     if args.window < 1:
         raise ValueError(f"--window={args.window}: must be >= 1")
@@ -498,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict:
                      window=args.window, metrics=args.metrics, level=args.level)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    (out / "compare.json").write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
     md = markdown(result)
     (out / "compare.md").write_text(md)
     plot(result, out / "compare.png")

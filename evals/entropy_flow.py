@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from bupo import cli
+from bupo.metrics import plot_text
 from bupo.rollout import Rollout
 from evals import load_model, pick_device  # noqa: F401 (pick_device: re-exported)
 
@@ -120,7 +121,7 @@ def plot_flow(flow: dict, path: Path, title: str) -> None:
         ax.set_title(t, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(plot_text(title), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -139,7 +140,7 @@ def plot_change(flow: dict, path: Path, title: str) -> None:
     ax.set_xlabel(XLABEL)
     ax.set_ylabel("entropy change (nats)")
     ax.set_xticks(range(0, L, max(1, L // 16)))
-    ax.set_title(title, fontsize=10)
+    ax.set_title(plot_text(title), fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -185,9 +186,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.samples is not None and not Path(args.samples).is_file():  # checked before the model is loaded
         what = "not a file" if Path(args.samples).exists() else "no such file"
         raise ValueError(f"--samples {args.samples}: {what} (give a jsonl of prompt_ids / response_ids rows)")
-    if args.batch_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError(f"--batch-tokens={args.batch_tokens} and --temperature={args.temperature} must be >= 0 "
-                         f"and --top-p={args.top_p} in (0, 1]")
+    cli.check_flag("--batch-tokens", args.batch_tokens, args.batch_tokens >= 0, ">= 0")
+    cli.check_flag("--temperature", args.temperature, cli.finite(args.temperature) and args.temperature >= 0,
+                   "a finite number >= 0")
+    cli.check_flag("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")
     return args
 
 

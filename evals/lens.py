@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bupo import cli
+from bupo.metrics import plot_text
 from evals import load_model
 
 VIEWS = {"off": ("raw",), "on": ("norm",), "both": ("raw", "norm")}
@@ -215,7 +216,7 @@ def table(data: dict, view: str, pos: int) -> str:
 def _label(s: str, width: int = 7) -> str:
     if s and not s.strip(" "):
         s = s.replace(" ", "\u2423")  # a token of spaces only: draw them as open boxes
-    s = json.dumps(s, ensure_ascii=False)[1:-1].replace("$", r"\$")  # escapes newlines; no mathtext
+    s = plot_text(json.dumps(s, ensure_ascii=False)[1:-1])  # escapes newlines; no mathtext
     return s if len(s) <= width else s[: width - 1] + "~"
 
 
@@ -256,7 +257,7 @@ def plot(data: dict, path: Path, *, color: str, last: int, title: str) -> None:
         ax.set_ylabel("layer l (0-based; paper l + 1)")
         ax.set_title(VIEW_TITLES[view], fontsize=9)
         fig.colorbar(im, ax=ax, label=cbar, fraction=0.03, pad=0.01)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(plot_text(title), fontsize=9)
     with warnings.catch_warnings():  # tokens in scripts the default font lacks are drawn as boxes
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         fig.tight_layout()
@@ -303,10 +304,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("max_new_tokens", "plot_positions"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 0")
-    if not 0 < args.temperature < math.inf:
-        raise ValueError(f"--temperature={args.temperature}: must be a finite number > 0")
-    if not 0 <= args.sample_temperature < math.inf:
-        raise ValueError(f"--sample-temperature={args.sample_temperature}: must be a finite number >= 0 (0: greedy)")
+    # below 1e-4, 1 / T times a raw logit of ~100 leaves the float32 range
+    cli.check_flag("--temperature", args.temperature, 1e-4 <= args.temperature < math.inf,
+                   "a finite number >= 1e-4")
+    cli.check_flag("--sample-temperature", args.sample_temperature, 0 <= args.sample_temperature < math.inf,
+                   "a finite number >= 0 (0: greedy)")
     if args.raw and (args.system or args.enable_thinking is not None):
         flag = "--system" if args.system else "--enable-thinking/--no-enable-thinking"
         raise ValueError(f"{flag} applies to the chat template, which --raw does not use")

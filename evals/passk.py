@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 from bupo import cli
+from bupo.metrics import plot_text
 
 SETTINGS = ("model", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "enable_thinking",
             "max_prompt_length", "chat_template", "seed_scheme")
@@ -242,7 +243,7 @@ def plot(rep: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
     ks = rep["k"]
     for name, d in rep["datasets"].items():
-        ax.plot(ks, [100 * d["pass@k"][str(k)] for k in ks], marker="o", label=Path(name).stem)
+        ax.plot(ks, [100 * d["pass@k"][str(k)] for k in ks], marker="o", label=plot_text(Path(name).stem))
     top = max((100 * v for d in rep["datasets"].values() for v in d["pass@k"].values()), default=0.0)
     ax.set_ylim(0, max(1.0, min(100.0, 1.08 * top)))
     ax.set_xscale("log", base=2)
@@ -299,8 +300,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("n", "max_new_tokens", "max_prompt_length", "batch_size", "max_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
-    if not 0 < args.top_p <= 1 or args.temperature < 0:
-        raise ValueError(f"--top-p={args.top_p} must be in (0, 1] and --temperature={args.temperature} >= 0")
+    cli.check_flag("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")
+    cli.check_flag("--temperature", args.temperature, cli.finite(args.temperature) and args.temperature >= 0,
+                   "a finite number >= 0 (0: greedy)")
+    cli.check_flag("--top-k", args.top_k, args.top_k >= -1, "-1 or 0 (off) or a positive count")
+    cli.check_flag("--max-prompts", args.max_prompts, args.max_prompts >= 0, ">= 0 (0: all)")
     return args
 
 

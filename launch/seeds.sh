@@ -8,16 +8,22 @@
 #   Overrides go to every run, after the sweep's own (e.g. --trainer.total_steps=10 for a shorter sweep).
 set -euo pipefail
 usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "error: $1 (see bash launch/seeds.sh --help)" >&2; exit 2; }
 root="runs/seeds"
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then root=$1; shift; fi
 for a in "$@"; do
     case "$a" in
         -h|--help) usage; exit 0 ;;
+        # what tells the nine runs apart is the sweep's own
+        --trainer.seed=*|--trainer.out_dir=*|--bupo.iterative_steps=*|--bupo.norm=*)
+            die "$a: the sweep sets ${a%%=*} itself (it is what tells its runs apart)" ;;
         --*.*=*) ;;
-        *) echo "error: $a: expected --section.field=value (see bash launch/seeds.sh --help)" >&2; exit 2 ;;
+        *) die "$a: expected --section.field=value" ;;
     esac
 done
+[ -n "$root" ] || die "OUT_ROOT is empty"
 case "$root" in /*) ;; *) root="$PWD/$root" ;; esac  # env.sh moves to the repository root
+[ ! -e "$root" ] || [ -d "$root" ] || die "OUT_ROOT $root is a file, not a folder"
 export SEEDS_ROOT="$root" SEEDS_EXTRA="${*@Q}"  # the overrides, quoted for the runs' shells
 BUPO_EXTRAS=demo . "$(dirname "$0")/env.sh"
 mkdir -p -- "$SEEDS_ROOT"

@@ -143,8 +143,9 @@ class DecoderConfig:
                 raise ValueError(f"rope_scaling.{name} must be a positive number, got {v!r}")
         if self.mlp_bias and self.model_type != "llama":
             raise ValueError(f"mlp_bias=True is not supported for {self.model_type} (its MLPs have no bias)")
-        if self.extra.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=True is not supported (released Qwen checkpoints leave it off)")
+        if self.extra.get("use_sliding_window", False) not in (None, False):
+            raise ValueError(f"use_sliding_window={self.extra['use_sliding_window']!r} is not supported (only false; "
+                             "released Qwen checkpoints leave it off)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "

@@ -435,3 +435,40 @@ def test_check_out_dir(tmp_path):
         cli.check_out_dir(tmp_path / "f", "--out")
     with pytest.raises(ValueError, match=r"trainer\.out_dir=.*cannot be created: .*f is a file"):
         cli.check_out_dir(tmp_path / "f" / "a" / "b", "trainer.out_dir")
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("evals.passk", ["--temperature", "inf"], "--temperature=inf: must be a finite number >= 0 (0: greedy)"),
+    ("evals.passk", ["--temperature", "nan"], "--temperature=nan: must be a finite number >= 0 (0: greedy)"),
+    ("evals.passk", ["--temperature", "-1"], "--temperature=-1.0: must be a finite number >= 0 (0: greedy)"),
+    ("evals.passk", ["--top-p", "0"], "--top-p=0.0: must be in (0, 1]"),
+    ("evals.passk", ["--top-k", "-2"], "--top-k=-2: must be -1 or 0 (off) or a positive count"),
+    ("evals.passk", ["--max-prompts", "-1"], "--max-prompts=-1: must be >= 0 (0: all)"),
+    ("evals.entropy_flow", ["--temperature", "inf"], "--temperature=inf: must be a finite number >= 0"),
+    ("evals.entropy_flow", ["--batch-tokens", "-5"], "--batch-tokens=-5: must be >= 0"),
+    ("evals.entropy_flow", ["--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
+    ("evals.lens", ["--temperature", "1e-37"], "--temperature=1e-37: must be a finite number >= 1e-4"),
+    ("bupo.bench_rollout", ["--warmup", "-1"], "--warmup=-1: must be >= 0"),
+    ("bupo.bench_rollout", ["--threads", "0"], "--threads=0: must be >= 1"),
+])
+def test_each_bad_flag_is_named_alone(module, args, message, tmp_path):
+    """One flag out of range: the message names that flag only (not every flag of a combined check)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    base = {"evals.passk": ["--model", "m", "--data", "arithmetic", "--out", str(tmp_path)],
+            "evals.entropy_flow": ["--model", "m", "--data", "arithmetic", "--out", str(tmp_path)],
+            "evals.lens": ["--model", "m", "--prompt", "hi", "--out", str(tmp_path)], "bupo.bench_rollout": []}[module]
+    with pytest.raises(ValueError) as e:
+        mod.parse_args(base + args)
+    assert str(e.value) == message
+
+
+def test_gpu_check_errors_are_one_line(tmp_path):
+    (tmp_path / "f").write_text("")
+    for args, words in ((["env", "--out", str(tmp_path / "f" / "x")], "cannot be created"),
+                        (["env", "--out", str(tmp_path / "o"), "--budget", "nan"], "--budget=nan: must be a number")):
+        r = subprocess.run([sys.executable, "-m", "bupo.gpu_check", *args], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr

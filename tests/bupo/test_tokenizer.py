@@ -203,12 +203,18 @@ def test_wrongly_typed_special_token_is_an_error_not_dropped(tmp_path, field, va
                             f"got {value!r}")
 
 
-@pytest.mark.parametrize("value", ["151645", [151645, "x"], True, -1, {"id": 1}])
+@pytest.mark.parametrize("value", ["151645", [151645, "x"], True, -1, {"id": 1}, 10**9])
 def test_wrongly_typed_generation_eos_ids_are_an_error(tmp_path, value):
     d = make_folder(tmp_path, {})
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
-    with pytest.raises(ValueError, match=rf"generation_config.json eos_token_id must be a token id or a list of them, "
-                                         rf"got {re.escape(repr(value))}"):
+    with pytest.raises(ValueError, match=rf"generation_config.json eos_token_id must be a token id \(0 to \d+\) or a "
+                                         rf"list of them, got {re.escape(repr(value))}"):
         Tokenizer.from_pretrained(d)
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
     assert Tokenizer.from_pretrained(d).stop_token_ids[0] == Tokenizer.from_pretrained(d).eos_token_id
+
+
+def test_a_named_chat_template_that_is_not_a_string_names_the_file(tmp_path):
+    d = make_folder(tmp_path, {"chat_template": [{"name": "default", "template": 5}]})
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: chat_template 'default' is a int, not a template"):
+        Tokenizer.from_pretrained(d)

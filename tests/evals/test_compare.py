@@ -242,3 +242,36 @@ def test_usage_errors_are_one_line(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         assert lines[0].endswith("(see python -m evals.compare --help)")
+
+
+def test_a_stray_far_step_adds_one_window_and_step_zero_alone_is_an_error(tmp_path):
+    runs = [write_run(tmp_path / f"r{s}", s, 0, [0.1 * s + 0.1 * i for i in range(6)]) for s in range(2)]
+    with open(runs[0] / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 10**8, "reward_mean": 0.5}) + "\n")
+    res = cli.main([*map(str, runs), "--out", str(tmp_path / "c"), "--window", "5"])
+    assert [w["steps"] for w in res["groups"]["all runs"]["windows"]["reward_mean"]] == ["1-5", "6-10",
+                                                                                          "99999996-100000000",
+                                                                                          "all 1-6"]
+    lone = tmp_path / "zero"
+    write_run(lone, 0, 0, [0.1])
+    _records(lone, [{"step": 0, "reward_mean": 0.1}])
+    with pytest.raises(ValueError, match="no run has a record with step >= 1"):
+        cli.main([str(lone), "--out", str(tmp_path / "c2"), "--metrics", "reward_mean"])
+
+
+def test_labels_with_table_and_math_characters_are_drawn_and_tabulated(tmp_path):
+    runs = []
+    for s, tpl in enumerate(["{{ m|first }}`x`", "cost $\\frac$ | $y$"]):
+        d = write_run(tmp_path / f"r{s}", s, 0, [0.1, 0.2, 1e308])
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["data"] = {"chat_template": tpl}
+        (d / "config.json").write_text(json.dumps(cfg))
+        runs.append(d)
+    res = cli.main([*map(str, runs), "--out", str(tmp_path / "c"), "--window", "3"])
+    md = (tmp_path / "c" / "compare.md").read_text()
+    for line in md.splitlines():
+        if line.startswith("| steps"):  # steps, two groups, one difference: 4 cells once '\|' is set aside
+            assert len(line.replace("\\|", "").split("|")) == 6, line
+    assert (tmp_path / "c" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    json.loads((tmp_path / "c" / "compare.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert res["groups"]

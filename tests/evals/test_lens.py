@@ -160,7 +160,7 @@ def test_table_escapes_the_cell_separator():
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--temperature", "inf"], "--temperature=inf: must be a finite number > 0"),
+    (["--temperature", "inf"], "--temperature=inf: must be a finite number >= 1e-4"),
     (["--sample-temperature", "-1"], "--sample-temperature=-1.0: must be a finite number >= 0"),
     (["--sample-temperature", "nan"], "--sample-temperature=nan"),
     (["--raw", "--system", "be brief"], "--system applies to the chat template, which --raw does not use"),

@@ -74,8 +74,13 @@ def test_seeds_sh_runs_nine_with_the_overrides_and_compares(tmp_path):
     for args in (["--help"], ["-h"]):
         h = subprocess.run(["bash", sh, *args], env=env, capture_output=True, text=True)
         assert h.returncode == 0 and h.stdout.startswith("The CPU demo's claim over seeds")
-    for args in (["x", "y"], ["--bad"], ["x", "--trainer.seed"]):
+    (work / "afile").write_text("")
+    for args, words in ((["x", "y"], "y: expected --section.field=value"), (["--bad"], "expected --section.field"),
+                        (["x", "--trainer.seed"], "expected --section.field=value"),
+                        (["x", "--trainer.seed=7"], "the sweep sets --trainer.seed itself"),
+                        (["x", "--trainer.out_dir=/y"], "the sweep sets --trainer.out_dir itself"),
+                        (["x", "--bupo.iterative_steps=8"], "the sweep sets --bupo.iterative_steps itself"),
+                        ([""], "OUT_ROOT is empty"), (["afile"], f"OUT_ROOT {work / 'afile'} is a file")):
         bad = subprocess.run(["bash", sh, *args], env=env, cwd=work, capture_output=True, text=True)
-        assert bad.returncode == 2 and bad.stderr.startswith("error: ")
-        assert "expected --section.field=value" in bad.stderr
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and words in bad.stderr, (args, bad.stderr)
     assert not (work / "x").exists() and len(calls.read_text().splitlines()) == len(lines)
