@@ -31,7 +31,7 @@ from bupo.metrics import MetricsLogger, final_table, peak_mem_gb, plot_curves, r
 from bupo.reward import REASONS, score_batch
 from bupo.rollout import Engine, Rollout, SamplingParams, make_engine, step_seed
 from bupo.tokenizer import Tokenizer
-from bupo.update import compute_logprobs, filler, is_phase_one_param, pack, update_policy
+from bupo.update import collective_micro_batches, compute_logprobs, filler, is_phase_one_param, pack, update_policy
 from bupo.weight_sync import sync_weights
 from models.liger import resolve_liger, use_liger
 
@@ -223,21 +223,29 @@ def layer_diagnostics_step(cfg: Config, model, rollouts: list[Rollout], k: int, 
                            vocab_size: int) -> dict:
     """Paper Fig. 5 during training: cos(h_k, h_l) and KL(pi^k || pi^l) for every layer l above k and for the final
     policy, averaged over the response tokens of `rollouts` (this rank's part of the step's first trainer.diag_seqs
-    rollouts, packed together) and over all ranks. Every rank must call it (capture is collective under FSDP2)."""
+    rollouts) and over all ranks. Micro-batched by algo.micro_batch_tokens, so the captured layer outputs
+    [L, tokens, H] stay within a training micro-batch's size. Every rank must call it (capture is collective under
+    FSDP2, and every rank runs as many forwards)."""
     from bupo.analysis import layer_diagnostics
 
-    packed = pack(rollouts or [filler()], info.device)  # a rank without rollouts joins the collectives, weightless
-    mask = torch.zeros(packed.input_ids.shape, dtype=torch.bool, device=info.device)  # [1, total]
-    mask[0, packed.resp_pos] = True  # the positions whose policy produced a response token
-    d = layer_diagnostics(model, packed.input_ids, k, cu_seqlens=packed.cu_seqlens, mask=mask,
-                          temperature=cfg.rollout.temperature, vocab_size=vocab_size)
-    n = d["num_tokens"] if rollouts else 0
-    vals = {"diag/cos_final": d["cos_final"], "diag/kl_final": d["kl_final"],
-            **{f"diag/cos_l{layer}": c for layer, c in zip(d["layers"], d["cos"])},
-            **{f"diag/kl_l{layer}": x for layer, x in zip(d["layers"], d["kl"])}}
+    sums: dict[str, float] = {"tokens": 0}
+    for idx in collective_micro_batches(rollouts, cfg.algo.micro_batch_tokens) or [[]]:
+        part = [rollouts[i] for i in idx]
+        packed = pack(part or [filler()], info.device)  # a rank without rollouts joins the collectives, weightless
+        mask = torch.zeros(packed.input_ids.shape, dtype=torch.bool, device=info.device)  # [1, total]
+        mask[0, packed.resp_pos] = True  # the positions whose policy produced a response token
+        d = layer_diagnostics(model, packed.input_ids, k, cu_seqlens=packed.cu_seqlens, mask=mask,
+                              temperature=cfg.rollout.temperature, vocab_size=vocab_size)
+        n = d["num_tokens"] if part else 0
+        vals = {"diag/cos_final": d["cos_final"], "diag/kl_final": d["kl_final"],
+                **{f"diag/cos_l{layer}": c for layer, c in zip(d["layers"], d["cos"])},
+                **{f"diag/kl_l{layer}": x for layer, x in zip(d["layers"], d["kl"])}}
+        sums["tokens"] += n
+        for key, v in vals.items():
+            sums[key] = sums.get(key, 0.0) + v * n
     parallel.reshard(model)  # a no-grad pass: the checkpoint and the weight sync must see the fp32 shards again
-    sums = parallel.all_reduce_dict({"tokens": n, **{key: v * n for key, v in vals.items()}})
-    return {key: sums[key] / sums["tokens"] for key in vals}  # token-weighted means over ranks
+    sums = parallel.all_reduce_dict(sums)
+    return {key: v / sums["tokens"] for key, v in sums.items() if key != "tokens"}  # token-weighted over ranks
 
 
 def step_record(step: int, phase: str, layer: int | None, rollouts: list[Rollout], results: list,

@@ -115,15 +115,17 @@ def test_liger_hooks_go_on_policy_sampler_and_reference(tiny_model, tmp_path, mo
     assert seen == []
 
 
-def test_layer_diagnostics_step_is_the_token_mean_over_packed_responses(tiny_model):
-    """Packed rollouts + response mask == each sequence on its own, weighted by its response tokens."""
+@pytest.mark.parametrize("budget", [4096, 5])  # one packed micro-batch; one per sequence
+def test_layer_diagnostics_step_is_the_token_mean_over_packed_responses(tiny_model, budget):
+    """Packed rollouts + response mask == each sequence on its own, weighted by its response tokens, however the
+    rollouts are split into micro-batches."""
     from bupo.analysis import layer_diagnostics
     from bupo.parallel import DistInfo
     from bupo.rollout import Rollout
     from bupo.train import layer_diagnostics_step
 
     model = models.load_pretrained(tiny_model)
-    cfg = load_config(["--trainer.diag_seqs=2", "--rollout.temperature=0.8"])
+    cfg = load_config(["--trainer.diag_seqs=2", "--rollout.temperature=0.8", f"--algo.micro_batch_tokens={budget}"])
     seqs = [Rollout([5, 9, 31], [7, 8, 2, 6]), Rollout([11], [3, 4])]  # the caller picks the step's first diag_seqs
     got = layer_diagnostics_step(cfg, model, seqs, 1, DistInfo(0, 1, 0, torch.device("cpu")), vocab_size=40000)
     assert set(got) == {"diag/cos_final", "diag/kl_final", "diag/cos_l2", "diag/kl_l2", "diag/cos_l3", "diag/kl_l3"}
