@@ -26,6 +26,9 @@ case "$root" in /*) ;; *) root="$PWD/$root" ;; esac  # env.sh moves to the repos
 [ ! -e "$root" ] || [ -d "$root" ] || die "OUT_ROOT $root is a file, not a folder"
 export SEEDS_ROOT="$root" SEEDS_EXTRA="${*@Q}"  # the overrides, quoted for the runs' shells
 BUPO_EXTRAS=demo . "$(dirname "$0")/env.sh"
+# a misspelt or mistyped override fails here, once, not in each of the nine runs
+python -c 'import sys; from bupo.cli import run_main; from bupo.config import load_config; run_main(load_config, sys.argv[1:])' \
+    --config launch/configs/cpu_demo.toml "$@" > /dev/null
 mkdir -p -- "$SEEDS_ROOT"
 run() {  # name seed overrides...
     local name=$1 seed=$2 out="$SEEDS_ROOT/$1_s$2"

@@ -45,7 +45,8 @@ def test_debug_1gpu_config_loads():
 
 
 def test_seeds_sh_runs_nine_with_the_overrides_and_compares(tmp_path):
-    """launch/seeds.sh with python stubbed: the nine runs' command lines, overrides (quoting kept) passed to each,
+    """launch/seeds.sh with python stubbed: the overrides checked once first, the nine runs' command lines, overrides
+    (quoting kept) passed to each,
     OUT_ROOT relative to the caller's folder, the final compare, and usage errors."""
     calls = tmp_path / "calls"
     (tmp_path / "python").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> {calls}\n')
@@ -63,6 +64,10 @@ def test_seeds_sh_runs_nine_with_the_overrides_and_compares(tmp_path):
     lines = calls.read_text().splitlines()
     train = [c for c in lines if c.startswith("-m bupo.train")]
     assert len(train) == 9
+    check = [c for c in lines if "load_config" in c]  # the overrides are checked once before any run
+    assert len(check) == 1 and check[0].endswith("--config launch/configs/cpu_demo.toml --trainer.total_steps=3 "
+                                                 "--data.chat_template={{ 'a b' }}")
+    assert lines.index(check[0]) < lines.index(train[0])
     root = work / "sweep"
     for name, seed, flags in (("grpo", 2, " --bupo.iterative_steps=0"), ("bupo_norm", 0, " --bupo.norm=true"),
                               ("bupo", 1, "")):
