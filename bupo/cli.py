@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -120,10 +119,6 @@ def check_flag(flag: str, value: object, ok: bool, rule: str) -> None:
     """ValueError '<flag>=<value>: must be <rule>' unless ok: each bad flag is named alone, before any work."""
     if not ok:
         raise ValueError(f"{flag}={value}: must be {rule}")
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)
 
 
 def run_main(main: Callable[..., T], *args: object) -> T:

@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes, any device")
     p.add_argument("--wheels", default="", help="env: folder of wheels to install first ('' = none)")
     args = p.parse_args(argv)
-    cli.check_flag("--budget", args.budget, cli.finite(args.budget) and args.budget > 0, "a number of seconds > 0")
+    cli.check_flag("--budget", args.budget, math.isfinite(args.budget) and args.budget > 0, "a number of seconds > 0")
     cli.check_out_dir(args.out, "--out")
     return PARTS[args.part](Part(args), args)
 

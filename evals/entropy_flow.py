@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -187,7 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         what = "not a file" if Path(args.samples).exists() else "no such file"
         raise ValueError(f"--samples {args.samples}: {what} (give a jsonl of prompt_ids / response_ids rows)")
     cli.check_flag("--batch-tokens", args.batch_tokens, args.batch_tokens >= 0, ">= 0")
-    cli.check_flag("--temperature", args.temperature, cli.finite(args.temperature) and args.temperature >= 0,
+    cli.check_flag("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
                    "a finite number >= 0")
     cli.check_flag("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")
     return args

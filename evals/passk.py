@@ -301,7 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     cli.check_flag("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")
-    cli.check_flag("--temperature", args.temperature, cli.finite(args.temperature) and args.temperature >= 0,
+    cli.check_flag("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
                    "a finite number >= 0 (0: greedy)")
     cli.check_flag("--top-k", args.top_k, args.top_k >= -1, "-1 or 0 (off) or a positive count")
     cli.check_flag("--max-prompts", args.max_prompts, args.max_prompts >= 0, ">= 0 (0: all)")
