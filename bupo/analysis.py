@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-import kernels
-from bupo.rollout import Rollout
+from bupo import kernels
+from bupo.rollout.interface import Rollout
 from bupo.update import pack, split_micro_batches
 
 STATES = ("layer_in", "layer_out", "attn_in", "attn_out", "ffn_in", "ffn_out")

@@ -37,8 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-import models
-from bupo import parallel
+from bupo import models, parallel
 from bupo.config import Config
 from bupo.parallel import DistInfo, barrier
 

@@ -30,8 +30,17 @@ from pathlib import Path
 from typing import Callable, NoReturn, TypeVar
 
 T = TypeVar("T")
+# The name a command was started by: "bupo passk" when the `bupo` command runs it (bupo.__main__ sets it), None
+# under `python -m <module>`. Usage lines and error hints use it (`prog`).
+COMMAND_NAME: str | None = None
 # (module, exception base) of the file-format libraries; a library that was never imported raised nothing.
 _LIBRARY_ERRORS = (("jinja2", "TemplateError"), ("safetensors", "SafetensorError"), ("pyarrow", "ArrowException"))
+
+
+def prog(module: str) -> str:
+    """The program name an entry point's help and errors show: `bupo <sub>` when started by the `bupo` command,
+    else `python -m <module>`."""
+    return COMMAND_NAME or f"python -m {module}"
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bupo.cli import check_out_dir
+from bupo.cli import check_out_dir, prog
 
 
 @dataclass
@@ -374,7 +374,7 @@ def _read_toml(path: Path) -> dict:
 
 # --- help -----------------------------------------------------------------------------------------------------------
 
-USAGE = "python -m bupo.train [-h] [--config FILE.toml] [--section.field=value ...]"
+USAGE = "{prog} [-h] [--config FILE.toml] [--section.field=value ...]"
 DESCRIPTION = "GRPO / BuPO trainer (also under torchrun)."
 EPILOG = ("Any field can be set in the TOML run file ([section] table, field = value) or overridden as "
           "--section.field=value or --section.field value; later ones win. Lists: a,b or [a,b]. Renamed keys that "
@@ -413,7 +413,8 @@ def _default(f: dataclasses.Field) -> object:
 def help_parser() -> argparse.ArgumentParser:
     """A parser used only to print --help: --config, then every field grouped by [section], each with its type,
     its default (as TOML would write it) and its comment."""
-    p = argparse.ArgumentParser(prog="python -m bupo.train", usage=USAGE, description=DESCRIPTION, epilog=EPILOG)
+    p = argparse.ArgumentParser(prog=prog("bupo.train"), usage=USAGE.format(prog=prog("bupo.train")),
+                                description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--config", metavar="FILE.toml", help="TOML run file (see launch/configs/)")
     for sec in dataclasses.fields(Config):
         cls = sec.default_factory
@@ -432,7 +433,8 @@ def help_parser() -> argparse.ArgumentParser:
 def load_config(argv: list[str] | None = None) -> Config:
     """Parse `--config FILE.toml` and `--section.field=value` overrides (later ones win) into a Config;
     `-h/--help` prints every field (help_parser) and exits."""
-    p = argparse.ArgumentParser(prog="python -m bupo.train", usage=USAGE, add_help=False)
+    p = argparse.ArgumentParser(prog=prog("bupo.train"), usage=USAGE.format(prog=prog("bupo.train")),
+                                add_help=False)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("--config", type=Path)
     args, rest = p.parse_known_args(argv)

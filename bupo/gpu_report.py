@@ -25,8 +25,8 @@ from bupo import cli
 
 PARTS = [("env", "Environment: GPU, driver, torch, triton, packages"),
          ("gpu_tests", 'The gpu-marked tests without vLLM (pytest -m "gpu and not vllm")'),
-         ("kernel_bench", "Fused log-prob/entropy kernel vs materializing torch and liger-kernel (kernels.bench)"),
-         ("bench_step", "Phase-one vs full update step (bupo.bench_step)"),
+         ("kernel_bench", "Fused log-prob/entropy kernel vs materializing torch and liger-kernel (bupo.kernels.bench)"),
+         ("bench_step", "Phase-one vs full update step (bupo.bench.step)"),
          ("e2e", "Trainer end to end: 2 phase-one steps, DCP checkpoint, resume in a new process, export"),
          ("report", "This report")]
 TAIL_LINES, TAIL_CHARS = 40, 4000
@@ -172,7 +172,7 @@ def markdown(rep: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
-    p = cli.ArgumentParser(prog="python -m bupo.gpu_report", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=cli.prog("bupo.gpu_report"), description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--mode", choices=["full", "quick"], required=True)
     p.add_argument("--started", required=True, help="when the check started (ISO 8601)")

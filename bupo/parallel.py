@@ -255,7 +255,7 @@ def load_sharded(model: nn.Module, path: str | os.PathLike, info: DistInfo) -> n
     read; tensors are cast to the parameters' dtype (fp32). A tied head is the embedding's parameter (FSDP2 shards it
     once and keeps the tie); the RoPE buffers, not in the checkpoint, are computed on the device. Equal to
     load_pretrained + apply_fsdp, bit for bit."""
-    import models
+    from bupo import models
 
     names = models.check_checkpoint(model, path)
     model.to_empty(device=info.device)  # FSDP2 re-pads the local shards; the tie survives (CausalLM._apply)

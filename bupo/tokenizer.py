@@ -22,7 +22,7 @@ import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
-from models.hf_io import read_json_object
+from bupo.models.hf_io import read_json_object
 
 # Appended after the generation prompt when thinking is switched off but the template has no `enable_thinking`.
 NO_THINK_SUFFIX = "<think>\n\n</think>\n\n"

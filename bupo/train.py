@@ -22,18 +22,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import models
-from bupo import checkpoint, parallel
+from bupo import checkpoint, models, parallel
 from bupo.config import Config, load_config
 from bupo.data import PromptLoader, arithmetic_rows, load_rows, render_prompts
 from bupo.loss import group_advantages, zero_variance_groups
 from bupo.metrics import MetricsLogger, final_table, peak_mem_gb, plot_curves, read_jsonl, summary_line
+from bupo.models.liger import resolve_liger, use_liger
 from bupo.reward import REASONS, score_batch
-from bupo.rollout import Engine, Rollout, SamplingParams, make_engine, step_seed
+from bupo.rollout.engine import make_engine
+from bupo.rollout.interface import Engine, Rollout, SamplingParams, step_seed
+from bupo.rollout.weight_sync import sync_weights
 from bupo.tokenizer import Tokenizer
 from bupo.update import collective_micro_batches, compute_logprobs, filler, is_phase_one_param, pack, update_policy
-from bupo.weight_sync import sync_weights
-from models.liger import resolve_liger, use_liger
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -195,8 +195,8 @@ def choose_internal_layer(cfg: Config, model, engine, tok: Tokenizer, prompts: l
 
 def sampling(cfg: Config, tok: Tokenizer, seed: int, *, n: int | None = None, max_new_tokens: int | None = None,
              seed_index: tuple[int, ...] = ()) -> SamplingParams:
-    """Sampling parameters from [rollout] (bupo.rollout's seeding scheme: `seed` from step_seed, `seed_index` the
-    global index of each prompt)."""
+    """Sampling parameters from [rollout] (the seeding scheme of bupo.rollout.interface: `seed` from step_seed,
+    `seed_index` the global index of each prompt)."""
     return SamplingParams(n=n or cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                           top_k=cfg.rollout.top_k, max_new_tokens=max_new_tokens or cfg.rollout.max_new_tokens,
                           seed=seed, stop_token_ids=tuple(tok.stop_token_ids), seed_index=seed_index)

@@ -2,7 +2,8 @@
 
 `pack` is the one packer of the project and `split_micro_batches` its one micro-batcher: the update and the old and
 reference log-probs (through `collective_micro_batches`, the same number of micro-batches on every rank), the
-entropy-flow analysis and the layer diagnostics (one packed batch) all feed `bupo.rollout.Rollout`s through them.
+entropy-flow analysis and the layer diagnostics (one packed batch) all feed `Rollout`s (bupo.rollout.interface)
+through them.
 
 Legend: S = sequences on this rank, total = packed tokens of a micro-batch, N = response tokens, H = hidden size.
 The policy being optimized is pi^k (raw residual after layer k, `layer=k`) in BuPO's phase one and the full policy
@@ -18,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
+from bupo import kernels
 from bupo.config import AlgoConfig
 from bupo.loss import bounded_ratio, policy_loss
 from bupo.parallel import DistInfo, all_reduce, reshard
-from bupo.rollout import Rollout
+from bupo.rollout.interface import Rollout
 
 
 def is_phase_one_param(name: str, k: int) -> bool:

@@ -10,10 +10,10 @@ Checks this repository on one GPU in at most 7 minutes, downloading nothing, and
 OUT_DIR/report.md (status, duration and log tail of every part; every figure with the command that produced it):
   1. env           GPU, driver, torch, triton and package versions (first installs the wheels of DIR, see below)
   2. gpu_tests     pytest -m "gpu and not vllm"
-  3. kernel_bench  python -m kernels.bench at the Qwen3-4B / Qwen3-8B heads (H 2560 / 4096, V 151936, bf16,
+  3. kernel_bench  python -m bupo.kernels.bench at the Qwen3-4B / Qwen3-8B heads (H 2560 / 4096, V 151936, bf16,
                    N 8192 and 16384), fwd and fwd+bwd: naive (materializing) torch vs our Triton kernel vs
                    liger-kernel's fused linear cross-entropy (skipped when not installed)
-  4. bench_step    python -m bupo.bench_step on a random Qwen3-0.6B in bf16: phase one at k=5 vs full
+  4. bench_step    python -m bupo.bench.step on a random Qwen3-0.6B in bf16: phase one at k=5 vs full
   5. e2e           the trainer on a random small Qwen3-shaped model with the real Qwen3 tokenizer: 2 phase-one
                    steps and a DCP checkpoint, then a second process resumes for step 3 and exports; the check
                    verifies resume, the export loading, NCCL, bf16 FSDP2 and the Triton kernel

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU demo's claim over seeds: GRPO, BuPO (pi^8, raw residual) and BuPO with the normed internal policy, each
-# with seeds 0, 1 and 2 (the demo's settings otherwise), then `python -m evals.compare` over the nine runs.
+# with seeds 0, 1 and 2 (the demo's settings otherwise), then `python -m bupo.evals.compare` over the nine runs.
 # Runs two at a time, one thread each (on 2 cores as fast as one run with two threads). A finished run is skipped,
 # so an interrupted sweep continues where it stopped (an unfinished run resumes from its checkpoint).
 # Usage: bash launch/seeds.sh [OUT_ROOT] [--section.field=value ...]
@@ -46,5 +46,5 @@ for s in 0 1 2; do
     printf 'grpo %s --bupo.iterative_steps=0\nbupo %s\nbupo_norm %s --bupo.norm=true\n' "$s" "$s" "$s"
 done | xargs -P 2 -L 1 bash -c 'run "$@"' _
 # the trailing slashes keep the globs to the run folders (the logs beside them match the same names)
-python -m evals.compare "$SEEDS_ROOT"/grpo_s*/ "$SEEDS_ROOT"/bupo_s*/ "$SEEDS_ROOT"/bupo_norm_s*/ --window 5 \
+python -m bupo.evals.compare "$SEEDS_ROOT"/grpo_s*/ "$SEEDS_ROOT"/bupo_s*/ "$SEEDS_ROOT"/bupo_norm_s*/ --window 5 \
     --out "$SEEDS_ROOT/compare"

@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-import models
-from bupo import parallel
+from bupo import models, parallel
 
 
 def sharded(path: str, info: parallel.DistInfo):

@@ -22,10 +22,9 @@ import torch
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
-import models
-from bupo import checkpoint, parallel
+from bupo import checkpoint, models, parallel
 from bupo.config import AlgoConfig
-from bupo.rollout import Rollout
+from bupo.rollout.interface import Rollout
 from bupo.update import compute_logprobs, is_phase_one_param, pack, policy_logprobs, update_policy
 
 K = 1

@@ -13,10 +13,9 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-import models
-from bupo import checkpoint, parallel
+from bupo import checkpoint, models, parallel
 from bupo.config import AlgoConfig
-from bupo.rollout import Rollout
+from bupo.rollout.interface import Rollout
 from bupo.update import is_phase_one_param, update_policy
 
 TINY = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,

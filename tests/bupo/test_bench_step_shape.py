@@ -1,9 +1,9 @@
-"""bupo.bench_step --shape: the Qwen3-0.6B preset the GPU check times (built on the meta device: no weights)."""
+"""bupo.bench.step --shape: the Qwen3-0.6B preset the GPU check times (built on the meta device: no weights)."""
 
 import pytest
 
-from bupo.bench_step import SHAPES, flops_per_token, main
-from models.hf_io import _build_meta
+from bupo.bench.step import SHAPES, flops_per_token, main
+from bupo.models.hf_io import _build_meta
 
 
 def test_qwen3_0_6b_preset_is_qwen3_0_6b():

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from bupo import checkpoint, parallel
+from bupo import checkpoint, models, parallel
 
 CFG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
        "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,

@@ -197,32 +197,32 @@ def test_train_module_ends_in_one_line_and_traceback_on_request(tiny_model, tmp_
 
 
 ENTRY_POINT_CASES = {  # module and arguments ({model}, {tmp} filled in), words the error line must hold
-    "entropy_flow-samples": (["evals.entropy_flow", "--model", "{model}", "--samples", "{tmp}/missing.jsonl", "--out",
-                              "{tmp}/ef"], ["--samples", "missing.jsonl"]),
-    "entropy_flow-device": (["evals.entropy_flow", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/ef",
-                             "--device", "cuda:99"], ["--device", "cuda:99"]),
-    "entropy_flow-out": (["evals.entropy_flow", "--model", "{model}", "--data", "arithmetic", "--out",
+    "entropy_flow-samples": (["bupo.evals.entropy_flow", "--model", "{model}", "--samples", "{tmp}/missing.jsonl",
+                              "--out", "{tmp}/ef"], ["--samples", "missing.jsonl"]),
+    "entropy_flow-device": (["bupo.evals.entropy_flow", "--model", "{model}", "--data", "arithmetic", "--out",
+                             "{tmp}/ef", "--device", "cuda:99"], ["--device", "cuda:99"]),
+    "entropy_flow-out": (["bupo.evals.entropy_flow", "--model", "{model}", "--data", "arithmetic", "--out",
                           "{tmp}/ints.parquet"], ["--out", "is a file"]),
-    "passk-prompt-ints": (["evals.passk", "--model", "{model}", "--data", "{tmp}/ints.parquet", "--out", "{tmp}/pk",
-                           "--engine", "builtin"], ["ints.parquet", "row 0", "prompt"]),
-    "passk-template-missing": (["evals.passk", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/pk",
+    "passk-prompt-ints": (["bupo.evals.passk", "--model", "{model}", "--data", "{tmp}/ints.parquet", "--out",
+                           "{tmp}/pk", "--engine", "builtin"], ["ints.parquet", "row 0", "prompt"]),
+    "passk-template-missing": (["bupo.evals.passk", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/pk",
                                 "--chat-template", "{tmp}/none.jinja"], ["--chat-template", "none.jinja"]),
-    "passk-template-syntax": (["evals.passk", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/pk",
+    "passk-template-syntax": (["bupo.evals.passk", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/pk",
                                "--chat-template", "{tmp}/bad.jinja"], ["--chat-template", "bad.jinja", "line 1"]),
-    "passk-out": (["evals.passk", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/ints.parquet"],
+    "passk-out": (["bupo.evals.passk", "--model", "{model}", "--data", "arithmetic", "--out", "{tmp}/ints.parquet"],
                   ["--out", "is a file"]),
-    "passk-model-not-json": (["evals.passk", "--model", "{tmp}/model", "--data", "arithmetic", "--out", "{tmp}/pk"],
-                             ["config.json"]),
-    "bench_step": (["bupo.bench_step", "--k", "99"], ["--k=99"]),
-    "bench_step-device": (["bupo.bench_step", "--device", "cuda"] if not torch.cuda.is_available() else
-                          ["bupo.bench_step", "--repeats", "0"], ["--"]),
-    "bench_rollout": (["bupo.bench_rollout", "--n", "0"], ["--n"]),
-    "bench_rollout-csv": (["bupo.bench_rollout", "--csv", "{tmp}/ints.parquet/rows.csv"], ["--csv"]),
-    "kernels.bench": (["kernels.bench", "--tokens", "0"], ["--tokens=0"]),
-    "kernels.bench-csv": (["kernels.bench", "--csv", "{tmp}/ints.parquet/out.csv"], ["--csv"]),
+    "passk-model-not-json": (["bupo.evals.passk", "--model", "{tmp}/model", "--data", "arithmetic", "--out",
+                              "{tmp}/pk"], ["config.json"]),
+    "bench_step": (["bupo.bench.step", "--k", "99"], ["--k=99"]),
+    "bench_step-device": (["bupo.bench.step", "--device", "cuda"] if not torch.cuda.is_available() else
+                          ["bupo.bench.step", "--repeats", "0"], ["--"]),
+    "bench_rollout": (["bupo.bench.rollout", "--n", "0"], ["--n"]),
+    "bench_rollout-csv": (["bupo.bench.rollout", "--csv", "{tmp}/ints.parquet/rows.csv"], ["--csv"]),
+    "bupo.kernels.bench": (["bupo.kernels.bench", "--tokens", "0"], ["--tokens=0"]),
+    "bupo.kernels.bench-csv": (["bupo.kernels.bench", "--csv", "{tmp}/ints.parquet/out.csv"], ["--csv"]),
 }
 # One process per entry point checks the `__main__` wiring; the other cases run main() under run_main in-process.
-AS_PROCESS = ("entropy_flow-samples", "passk-prompt-ints", "bench_step", "bench_rollout", "kernels.bench")
+AS_PROCESS = ("entropy_flow-samples", "passk-prompt-ints", "bench_step", "bench_rollout", "bupo.kernels.bench")
 
 
 def _entry_point_args(tiny_model: Path, tmp_path: Path, case: str) -> tuple[list[str], list[str]]:
@@ -438,27 +438,28 @@ def test_check_out_dir(tmp_path):
 
 
 @pytest.mark.parametrize("module, args, message", [
-    ("evals.passk", ["--temperature", "inf"], "--temperature=inf: must be a finite number >= 0 (0: greedy)"),
-    ("evals.passk", ["--temperature", "nan"], "--temperature=nan: must be a finite number >= 0 (0: greedy)"),
-    ("evals.passk", ["--temperature", "-1"], "--temperature=-1.0: must be a finite number >= 0 (0: greedy)"),
-    ("evals.passk", ["--top-p", "0"], "--top-p=0.0: must be in (0, 1]"),
-    ("evals.passk", ["--top-k", "-2"], "--top-k=-2: must be -1 or 0 (off) or a positive count"),
-    ("evals.passk", ["--max-prompts", "-1"], "--max-prompts=-1: must be >= 0 (0: all)"),
-    ("evals.entropy_flow", ["--temperature", "inf"], "--temperature=inf: must be a finite number >= 0"),
-    ("evals.entropy_flow", ["--batch-tokens", "-5"], "--batch-tokens=-5: must be >= 0"),
-    ("evals.entropy_flow", ["--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
-    ("evals.lens", ["--temperature", "1e-37"], "--temperature=1e-37: must be a finite number >= 1e-4"),
-    ("bupo.bench_rollout", ["--warmup", "-1"], "--warmup=-1: must be >= 0"),
-    ("bupo.bench_rollout", ["--threads", "0"], "--threads=0: must be >= 1"),
+    ("bupo.evals.passk", ["--temperature", "inf"], "--temperature=inf: must be a finite number >= 0 (0: greedy)"),
+    ("bupo.evals.passk", ["--temperature", "nan"], "--temperature=nan: must be a finite number >= 0 (0: greedy)"),
+    ("bupo.evals.passk", ["--temperature", "-1"], "--temperature=-1.0: must be a finite number >= 0 (0: greedy)"),
+    ("bupo.evals.passk", ["--top-p", "0"], "--top-p=0.0: must be in (0, 1]"),
+    ("bupo.evals.passk", ["--top-k", "-2"], "--top-k=-2: must be -1 or 0 (off) or a positive count"),
+    ("bupo.evals.passk", ["--max-prompts", "-1"], "--max-prompts=-1: must be >= 0 (0: all)"),
+    ("bupo.evals.entropy_flow", ["--temperature", "inf"], "--temperature=inf: must be a finite number >= 0"),
+    ("bupo.evals.entropy_flow", ["--batch-tokens", "-5"], "--batch-tokens=-5: must be >= 0"),
+    ("bupo.evals.entropy_flow", ["--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
+    ("bupo.evals.lens", ["--temperature", "1e-37"], "--temperature=1e-37: must be a finite number >= 1e-4"),
+    ("bupo.bench.rollout", ["--warmup", "-1"], "--warmup=-1: must be >= 0"),
+    ("bupo.bench.rollout", ["--threads", "0"], "--threads=0: must be >= 1"),
 ])
 def test_each_bad_flag_is_named_alone(module, args, message, tmp_path):
     """One flag out of range: the message names that flag only (not every flag of a combined check)."""
     import importlib
 
     mod = importlib.import_module(module)
-    base = {"evals.passk": ["--model", "m", "--data", "arithmetic", "--out", str(tmp_path)],
-            "evals.entropy_flow": ["--model", "m", "--data", "arithmetic", "--out", str(tmp_path)],
-            "evals.lens": ["--model", "m", "--prompt", "hi", "--out", str(tmp_path)], "bupo.bench_rollout": []}[module]
+    base = {"bupo.evals.passk": ["--model", "m", "--data", "arithmetic", "--out", str(tmp_path)],
+            "bupo.evals.entropy_flow": ["--model", "m", "--data", "arithmetic", "--out", str(tmp_path)],
+            "bupo.evals.lens": ["--model", "m", "--prompt", "hi", "--out", str(tmp_path)],
+            "bupo.bench.rollout": []}[module]
     with pytest.raises(ValueError) as e:
         mod.parse_args(base + args)
     assert str(e.value) == message

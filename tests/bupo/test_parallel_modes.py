@@ -64,7 +64,7 @@ def _initial() -> dict:
     sys.path.insert(0, str(HERE))
     import dist_update_worker as w
 
-    import models
+    from bupo import models
     return {n: p.detach() for n, p in models.build_model(w.TINY).named_parameters()}
 
 
@@ -176,9 +176,8 @@ def test_inductor_compile_matches_eager_and_compiles_once(monkeypatch):
     import torch._inductor.config
     from torch._dynamo.utils import counters
 
-    import models
-    from bupo import parallel
-    from bupo.rollout import Rollout
+    from bupo import models, parallel
+    from bupo.rollout.interface import Rollout
     from bupo.update import compute_logprobs, pack
 
     monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
@@ -209,8 +208,7 @@ def test_inductor_compile_matches_eager_and_compiles_once(monkeypatch):
 def test_compile_is_refused_without_a_cxx_compiler(monkeypatch):
     from torch._inductor import cpp_builder, exc
 
-    import models
-    from bupo import parallel
+    from bupo import models, parallel
 
     def missing():
         raise exc.InvalidCxxCompiler
@@ -228,8 +226,7 @@ def test_compile_is_refused_without_a_cxx_compiler(monkeypatch):
 
 
 def test_compile_covers_norms_and_mlps_and_leaves_liger_fused_modules():
-    import models
-    from bupo import parallel
+    from bupo import models, parallel
 
     model = models.build_model(QWEN3)
     with warnings.catch_warnings():

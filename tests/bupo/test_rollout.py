@@ -4,8 +4,9 @@ every step), seeds, stop ids, log-probs, top-k/top-p, internal-policy sampling, 
 import pytest
 import torch
 
-import models
-from bupo.rollout import BuiltinEngine, Engine, SamplingParams, sample_tokens
+from bupo import models
+from bupo.rollout.builtin import BuiltinEngine, sample_tokens
+from bupo.rollout.interface import Engine, SamplingParams
 
 # initializer_range 0.2 makes the tiny models' next-token distributions peaked (top-2 logit gaps ~1e-2, far above
 # the ~1e-6 difference between cached and uncached decoding), so greedy comparisons are exact.

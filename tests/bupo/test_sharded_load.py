@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import models
-from bupo import parallel
+from bupo import models, parallel
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "dist_load_worker.py"

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_run import TIMING, strip_timing, train_args
 
-import models
+from bupo import models
 from bupo.config import load_config
 from bupo.train import main, run
 
@@ -103,11 +103,11 @@ def test_liger_hooks_go_on_policy_sampler_and_reference(tiny_model, tmp_path, mo
         seen.append(model)
         return {}
 
-    import bupo.rollout as rollout_mod
+    import bupo.rollout.engine as rollout_mod
 
     monkeypatch.setattr(train_mod, "resolve_liger", lambda mode, device: mode == "auto")
     monkeypatch.setattr(train_mod, "use_liger", record)
-    monkeypatch.setattr(rollout_mod, "use_liger", record)  # the built-in sampler (bupo.rollout.make_engine)
+    monkeypatch.setattr(rollout_mod, "use_liger", record)  # the built-in sampler (bupo.rollout.engine.make_engine)
     run(load_config(train_args(tiny_model, tmp_path / "l", 1, **{"algo.kl_coef": 0.01, "bupo.iterative_steps": 1})))
     assert len(seen) == 3 and len({id(m) for m in seen}) == 3  # policy, built-in sampler's copy, reference
     seen.clear()
@@ -121,7 +121,7 @@ def test_layer_diagnostics_step_is_the_token_mean_over_packed_responses(tiny_mod
     rollouts are split into micro-batches."""
     from bupo.analysis import layer_diagnostics
     from bupo.parallel import DistInfo
-    from bupo.rollout import Rollout
+    from bupo.rollout.interface import Rollout
     from bupo.train import layer_diagnostics_step
 
     model = models.load_pretrained(tiny_model)

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from bupo.rollout import Rollout
+from bupo.rollout.interface import Rollout
 from bupo.update import pack, split_micro_batches
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +44,7 @@ def _initial() -> dict:
     sys.path.insert(0, str(HERE))
     import dist_update_worker as w
 
-    import models
+    from bupo import models
     torch.manual_seed(0)
     return dict(models.build_model(w.TINY).named_parameters())
 
@@ -113,8 +113,7 @@ def _tiny_setup(lr: float = 1e-2):
     sys.path.insert(0, str(HERE))
     import dist_update_worker as w
 
-    import models
-    from bupo import checkpoint, parallel
+    from bupo import checkpoint, models, parallel
 
     info = parallel.init_distributed("cpu")
     model = models.build_model(w.TINY, seed=0)
@@ -279,7 +278,7 @@ def test_split_micro_batches():
 def test_policy_logprobs_over_the_real_vocabulary_only():
     """vocab_size restricts the policy to the first rows of the unembedding: log-probs and entropies of the softmax
     over those rows, and no gradient reaches the padded rows."""
-    import models
+    from bupo import models
     from bupo.update import policy_logprobs
 
     cfg = dict(model_type="qwen3", vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -310,8 +309,7 @@ def test_no_grad_passes_leave_the_fp32_shards_in_place():
     sys.path.insert(0, str(HERE))
     import dist_update_worker as w
 
-    import models
-    from bupo import parallel
+    from bupo import models, parallel
     from bupo.update import compute_logprobs
 
     info = parallel.init_distributed("cpu")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bupo import vllm_engine
-from bupo.rollout import SamplingParams, sequence_seed
-from bupo.vllm_engine import VLLMEngine
+from bupo.rollout import vllm_engine
+from bupo.rollout.interface import SamplingParams, sequence_seed
+from bupo.rollout.vllm_engine import VLLMEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -26,7 +26,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 # --- no vllm here ---------------------------------------------------------------------------------------------------
 
 def test_module_imports_without_vllm():
-    assert "vllm" not in sys.modules or HAS_VLLM  # importing bupo.vllm_engine did not import vllm
+    assert "vllm" not in sys.modules or HAS_VLLM  # importing bupo.rollout.vllm_engine did not import vllm
     importlib.reload(vllm_engine)
 
 
@@ -222,8 +222,8 @@ def test_update_weights_order_buckets_and_states(fake_vllm, tmp_path):
 
 
 def test_sync_weights_feeds_the_engine_hf_names_in_buckets(fake_vllm, tmp_path):
-    import models
-    from bupo.weight_sync import sync_names, sync_weights
+    from bupo import models
+    from bupo.rollout.weight_sync import sync_names, sync_weights
 
     cfg = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64,
            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
@@ -243,13 +243,13 @@ def test_sync_weights_feeds_the_engine_hf_names_in_buckets(fake_vllm, tmp_path):
 
 _E2E = r"""
 import torch
-import models
+from bupo import models
 from bupo import parallel
-from bupo.rollout import SamplingParams
+from bupo.rollout.interface import SamplingParams
 from bupo.tokenizer import Tokenizer
 from bupo.update import compute_logprobs
-from bupo.vllm_engine import VLLMEngine
-from bupo.weight_sync import sync_weights
+from bupo.rollout.vllm_engine import VLLMEngine
+from bupo.rollout.weight_sync import sync_weights
 
 info = parallel.init_distributed("cuda")
 path = models.smollm2_path()

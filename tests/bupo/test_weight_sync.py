@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import models
-from bupo import parallel
-from bupo.weight_sync import chunk_by_bytes, iter_full_tensors, plan_buckets, sync_names, tensor_bytes
+from bupo import models, parallel
+from bupo.rollout.weight_sync import chunk_by_bytes, iter_full_tensors, plan_buckets, sync_names, tensor_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
@@ -133,8 +132,8 @@ def test_iter_full_tensors_fsdp_world_of_one():
             assert not hasattr(t, "full_tensor")
             torch.testing.assert_close(t, ref[n], rtol=0, atol=0)
         # the trainer's sync into the built-in engine: phase one overwrites layers 0..1 + embedding only
-        from bupo.rollout import BuiltinEngine
-        from bupo.weight_sync import sync_weights
+        from bupo.rollout.builtin import BuiltinEngine
+        from bupo.rollout.weight_sync import sync_weights
 
         target = models.build_model(TINY, seed=1)
         before = {n: p.detach().clone() for n, p in target.named_parameters()}
@@ -149,9 +148,9 @@ def test_iter_full_tensors_fsdp_world_of_one():
 
 _TWO_RANKS = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
-    import models
+    from bupo import models
     from bupo import parallel
-    from bupo.weight_sync import iter_full_tensors, sync_names
+    from bupo.rollout.weight_sync import iter_full_tensors, sync_names
     sys.path.insert(0, sys.argv[2])
     from test_weight_sync import TINY_QWEN3
     model = models.build_model(TINY_QWEN3)

@@ -4,7 +4,7 @@ from run to run (timings), which comparisons leave out."""
 import shutil
 from pathlib import Path
 
-import models
+from bupo import models
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,

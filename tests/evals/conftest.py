@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import models
+from bupo import models
 
 
 @pytest.fixture(scope="session")

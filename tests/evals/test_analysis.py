@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import models
+from bupo import models
 from bupo.analysis import STATES, boundary_layer, entropy_flow, layer_diagnostics
-from bupo.rollout import Rollout
+from bupo.rollout.interface import Rollout
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""python -m evals.compare on synthetic run folders: t quantiles, hand-computed intervals, label grouping, partial
+"""python -m bupo.evals.compare on synthetic run folders: t quantiles, hand-computed intervals, label grouping, partial
 runs, a partially written last line, and the one-line errors."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from evals import compare as cli
+from bupo.evals import compare as cli
 
 T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 9: 2.262157163, 30: 2.042272456,
         1000: 1.962339081}  # published two-sided 95% critical values
@@ -156,11 +156,11 @@ def test_bad_flags_are_value_errors(two_groups, tmp_path):
 
 def test_cli_error_line_and_help(tmp_path):
     (tmp_path / "empty").mkdir()
-    r = subprocess.run([sys.executable, "-m", "evals.compare", str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "bupo.evals.compare", str(tmp_path / "empty"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'empty'} has no metrics.jsonl (give out_dirs of python -m bupo.train)"]
-    r = subprocess.run([sys.executable, "-m", "evals.compare", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "bupo.evals.compare", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--window" in r.stdout and "--label" in r.stdout
 
 
@@ -238,10 +238,10 @@ def test_level_is_written_as_given_and_one_run_is_singular(two_groups, tmp_path)
 
 def test_usage_errors_are_one_line(tmp_path):
     for args in ([], ["x"], ["x", "--out", str(tmp_path), "--window", "2.5"]):
-        r = subprocess.run([sys.executable, "-m", "evals.compare", *args], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "bupo.evals.compare", *args], capture_output=True, text=True)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-        assert lines[0].endswith("(see python -m evals.compare --help)")
+        assert lines[0].endswith("(see python -m bupo.evals.compare --help)")
 
 
 def test_a_stray_far_step_adds_one_window_and_step_zero_alone_is_an_error(tmp_path):

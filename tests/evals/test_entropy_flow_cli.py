@@ -1,11 +1,11 @@
-"""python -m evals.entropy_flow on a tiny random model: generate -> samples.jsonl -> entropy_flow.json with the
+"""python -m bupo.evals.entropy_flow on a tiny random model: generate -> samples.jsonl -> entropy_flow.json with the
 contract keys and plots; --samples reproduces the same numbers; bad jsonl rows name their line and field."""
 
 import json
 
 import pytest
 
-from evals import entropy_flow as cli
+from bupo.evals import entropy_flow as cli
 
 KEYS = ("layer_in", "layer_out", "attn_in", "attn_out", "ffn_in", "ffn_out", "delta_layer", "delta_attn",
         "delta_ffn")

@@ -1,4 +1,4 @@
-"""python -m evals.lens: the chunked lens equals a direct softmax of the hidden states (top tokens, probabilities,
+"""python -m bupo.evals.lens: the chunked lens equals a direct softmax of the hidden states (top tokens, probabilities,
 entropy, rank) for raw and normed states on both architectures; the CLI writes lens.json / lens.png and a table."""
 
 import json
@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import models
+from bupo import models
+from bupo.evals import lens as cli
 from bupo.tokenizer import Tokenizer
-from evals import lens as cli
 
 # initializer_range 0.3: peaked distributions, so top-k orders and ranks are well defined
 TINY = {
@@ -129,10 +129,10 @@ def test_bad_flags_are_value_errors(tiny_chat_model, tmp_path, flags, match):
 
 
 def test_cli_error_line_and_help(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "evals.lens", "--model", str(tmp_path), "--prompt", "hi", "--out",
+    r = subprocess.run([sys.executable, "-m", "bupo.evals.lens", "--model", str(tmp_path), "--prompt", "hi", "--out",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: --model")
-    r = subprocess.run([sys.executable, "-m", "evals.lens", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "bupo.evals.lens", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--norm" in r.stdout and "--max-new-tokens" in r.stdout
 
 

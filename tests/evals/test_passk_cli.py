@@ -1,4 +1,4 @@
-"""python -m evals.passk on a tiny random model: resumable generations (stop after a batch, a truncated last line,
+"""python -m bupo.evals.passk on a tiny random model: resumable generations (stop after a batch, a truncated last line,
 a problem cut short), same final report as an uninterrupted run, no duplicated rows, settings guard."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 import bupo.reward
-from evals import passk
+from bupo.evals import passk
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def test_generations_of_the_old_seeding_are_refused(tiny_chat_model, tmp_path):
     out = tmp_path / "old"
     passk.main(_args(tiny_chat_model, out, "--max-batches", "1"))
     settings = json.loads((out / "passk_settings.json").read_text())
-    del settings["seed_scheme"]  # what a file of an earlier evals.passk holds
+    del settings["seed_scheme"]  # what a file of an earlier bupo.evals.passk holds
     (out / "passk_settings.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match="seeding scheme 1"):
         passk.main(_args(tiny_chat_model, out))

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from evals.passk import pass_at_k, report
+from bupo.evals.passk import pass_at_k, report
 
 
 def brute(n: int, c: int, k: int) -> float:

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels.linear_logprob_entropy import _INTERPRET, triton
+from bupo import kernels
+from bupo.kernels.linear_logprob_entropy import _INTERPRET, triton
 
-LE = sys.modules["kernels.linear_entropy"]
-M = sys.modules["kernels.linear_logprob_entropy"]
+LE = sys.modules["bupo.kernels.linear_entropy"]
+M = sys.modules["bupo.kernels.linear_logprob_entropy"]
 TRITON_HERE = triton is not None and (_INTERPRET or torch.cuda.is_available())
 TRITON_DEV = "cpu" if _INTERPRET or not torch.cuda.is_available() else "cuda"
 needs_triton_here = pytest.mark.skipif(not TRITON_HERE, reason="run by test_triton_subprocess")

@@ -14,12 +14,12 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels.bench import peak_allocated_bytes
-from kernels.linear_logprob_entropy import _INTERPRET, _triton_forward, tl, triton
+from bupo import kernels
+from bupo.kernels.bench import peak_allocated_bytes
+from bupo.kernels.linear_logprob_entropy import _INTERPRET, _triton_forward, tl, triton
 
 f = kernels.linear_logprob_entropy
-M = sys.modules["kernels.linear_logprob_entropy"]
+M = sys.modules["bupo.kernels.linear_logprob_entropy"]
 TRITON_HERE = triton is not None and (_INTERPRET or torch.cuda.is_available())
 TRITON_DEV = "cpu" if _INTERPRET or not torch.cuda.is_available() else "cuda"
 needs_triton_here = pytest.mark.skipif(not TRITON_HERE, reason="run by test_triton_subprocess")

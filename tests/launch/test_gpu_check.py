@@ -107,7 +107,7 @@ def test_quick_check_runs_every_part(tmp_path):
     assert [r["command"].split()[-1] for r in parts["e2e"]["runs"]] == ["--trainer.total_steps=2",
                                                                         "--trainer.total_steps=3"]
     md = (out / "report.md").read_text()
-    assert all(f"{name}: " in md for name in ORDER) and "bupo.bench_step" in md and "kernels.bench" in md
+    assert all(f"{name}: " in md for name in ORDER) and "bupo.bench.step" in md and "bupo.kernels.bench" in md
 
 
 def test_a_command_that_runs_out_of_time_makes_the_part_a_timeout(tmp_path):

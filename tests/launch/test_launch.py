@@ -74,7 +74,7 @@ def test_seeds_sh_runs_nine_with_the_overrides_and_compares(tmp_path):
         assert (f"-m bupo.train --config launch/configs/cpu_demo.toml --trainer.seed={seed} "
                 f"--trainer.out_dir={root}/{name}_s{seed} --trainer.threads=1{flags} --trainer.total_steps=3 "
                 "--data.chat_template={{ 'a b' }}") in train
-    assert lines[-1] == (f"-m evals.compare {root}/grpo_s*/ {root}/bupo_s*/ {root}/bupo_norm_s*/ --window 5 "
+    assert lines[-1] == (f"-m bupo.evals.compare {root}/grpo_s*/ {root}/bupo_s*/ {root}/bupo_norm_s*/ --window 5 "
                          f"--out {root}/compare")  # no run folder exists under the stub: the globs stay as written
     for args in (["--help"], ["-h"]):
         h = subprocess.run(["bash", sh, *args], env=env, capture_output=True, text=True)

@@ -5,7 +5,7 @@ import os
 import pytest
 from tiny_models import TINY, hf_model
 
-import models
+from bupo import models
 
 
 @pytest.fixture(params=sorted(TINY))

@@ -7,8 +7,8 @@ import torch
 from tiny_models import TINY
 from torch.testing import assert_close
 
-import models
-from models import attention
+from bupo import models
+from bupo.models import attention
 
 
 def _qkv(N: int, nh: int, nkv: int, hd: int, dtype=torch.float32, device="cpu"):

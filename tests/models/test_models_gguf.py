@@ -11,7 +11,7 @@ import torch
 from tiny_models import transformers
 from torch.testing import assert_close
 
-import models
+from bupo import models
 
 TEXTS = [
     "Hello world!",

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import TINY, hf_model, transformers
 from torch.testing import assert_close
 
-import models
+from bupo import models
 
 
 def _keys(folder) -> set[str]:
@@ -98,7 +98,7 @@ def test_low_precision_load_keeps_fp32_rope(tmp_path):
 
 
 def test_meta_build_then_to_empty_materializes_rope():
-    from models.decoder import CausalLM, DecoderConfig
+    from bupo.models.decoder import CausalLM, DecoderConfig
 
     cfg = DecoderConfig.from_hf_dict(TINY["llama3_scaled"])
     ref = CausalLM(cfg).model.rotary_emb.inv_freq
@@ -197,7 +197,7 @@ def test_import_models_is_cheap():
 def test_saved_weights_get_the_usual_file_mode(tmp_path):
     import os
 
-    import models
+    from bupo import models
     cfg = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
            "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
     umask = os.umask(0o022)

@@ -1,4 +1,4 @@
-"""models.liger: the fused-op hooks of our modules.
+"""bupo.models.liger: the fused-op hooks of our modules.
 
 liger-kernel's kernels launch on CUDA only (they do not run under TRITON_INTERPRET), so on CPU the hooks are driven by
 a stand-in `liger_kernel.transformers.functional` that keeps liger's calling conventions: RoPE takes the HF layout
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from tiny_models import TINY
 
-import models
+from bupo import models
 from bupo.config import load_config
-from models import liger
+from bupo.models import liger
 
 HAS_LIGER_PKG = liger.liger_available()
 

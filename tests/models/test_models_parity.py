@@ -5,7 +5,7 @@ import torch
 from tiny_models import LLAMA3_SCALING, TINY, hf_model
 from torch.testing import assert_close
 
-import models
+from bupo import models
 
 LENS = [5, 9, 3]
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from bupo.rollout import Rollout, SamplingParams
-from bupo.weight_sync import DEFAULT_BUCKET_BYTES, chunk_by_bytes
+from bupo.rollout.interface import Rollout, SamplingParams
+from bupo.rollout.weight_sync import DEFAULT_BUCKET_BYTES, chunk_by_bytes
 
 VLLM_RANGE = ">=0.10.2,<0.34"
 MAX_MASKED_IDS = 1024  # vLLM's V2 model runner takes at most this many logit_bias entries per request
@@ -66,7 +66,7 @@ def _launcher_env() -> None:
 
 
 class VLLMEngine:
-    """Engine protocol of bupo.rollout on vLLM. Construct on every rank at the same time (it is collective).
+    """Engine protocol of bupo.rollout.interface on vLLM. Construct on every rank at the same time (it is collective).
 
     seed: the engine seed; equal on the ranks of one tensor-parallel group (per-request seeds do the sampling).
     vocab_size: the tokenizer's real vocabulary; sampling is masked to ids < vocab_size when the checkpoint's
@@ -195,7 +195,7 @@ class VLLMEngine:
         for bucket in chunk_by_bytes(named_tensors, self.bucket_bytes):
             # LLM.apply_model(fn): runs fn(model) on the worker's nn.Module; in-process here (external launcher,
             # no multiprocessing), so the tensors are not serialized. vLLM's load_weights takes HF names and fuses
-            # q/k/v and gate/up itself (bupo/weight_sync.py); each rank loads its TP shard of the tensors.
+            # q/k/v and gate/up itself (bupo/rollout/weight_sync.py); each rank loads its TP shard of the tensors.
             self.llm.apply_model(lambda model, b=bucket: _load(model, b))
         # LLM.reset_prefix_cache(): cached prefix blocks hold KV of the old weights
         self.llm.reset_prefix_cache()

@@ -1,7 +1,7 @@
 """Internal-policy lens: what each layer's policy pi^l = softmax(h_l E^T / T) predicts at every position.
 
-    python -m evals.lens --model smollm2 --prompt "What is 7 + 5?" --out runs/lens
-    python -m evals.lens --model DIR --prompt TEXT --raw --max-new-tokens 16 --norm both --layers 0-9,20 --out runs/lens
+    bupo lens --model smollm2 --prompt "What is 7 + 5?" --out runs/lens
+    bupo lens --model DIR --prompt TEXT --raw --max-new-tokens 16 --norm both --layers 0-9,20 --out runs/lens
 
 Legend: L decoder layers (0-based l; paper layer = l + 1), T positions, V vocabulary, H hidden, R rows (the chosen
 layers, then "final"). Row l at position t is pi^l(. | tokens <= t), a distribution over the token at t + 1; the
@@ -13,7 +13,7 @@ rank (1 = top) of the final prediction. --norm off (default) uses the raw residu
 The prompt is rendered with the tokenizer's chat template as one user turn (--chat, default) or encoded as is
 (--raw); --max-new-tokens N appends a response sampled from the full policy (built-in engine).
 Cost: one forward captures every layer's residual; then, per batch of --batch-rows (layer, position) rows, one
-pass over E by the fused entropy kernel (kernels.linear_entropy) and one chunked pass for the top-k, the
+pass over E by the fused entropy kernel (bupo.kernels.linear_entropy) and one chunked pass for the top-k, the
 log-sum-exp and the rank. No [T, L, V] tensor is built: one [rows, chunk] logits tile at a time.
 
 Output: a table for --position (default the last) on the terminal, <out>/lens.json (every row and position) and
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from bupo import cli
+from bupo.evals import load_model
 from bupo.metrics import plot_text
-from evals import load_model
 
 VIEWS = {"off": ("raw",), "on": ("norm",), "both": ("raw", "norm")}
 VIEW_TITLES = {"raw": "raw residual h_l (paper's pi^l)", "norm": "final norm applied: norm(h_l) (logit lens)"}
@@ -95,7 +95,7 @@ def read_rows(rows: list[torch.Tensor], E: torch.Tensor, *, top: int, temperatur
     """Lens statistics of R hidden-state sets [T, H] against E [V, H], as [R, T(, top)] tensors: entropy, top_p,
     top_ids, p_target, rank_target. target [T]: the token whose probability and rank are reported (default: the
     top-1 of the last row). Rows are processed in slices of batch_rows (layer, position) pairs."""
-    from kernels import linear_entropy
+    from bupo.kernels import linear_entropy
 
     R, T = len(rows), rows[0].shape[0]
     flat = torch.cat(rows)  # [R*T, H]
@@ -162,7 +162,8 @@ def prompt_ids(tok, args) -> list[int]:
 
 
 def sample_response(model, tok, ids: list[int], args) -> list[int]:
-    from bupo.rollout import BuiltinEngine, SamplingParams
+    from bupo.rollout.builtin import BuiltinEngine
+    from bupo.rollout.interface import SamplingParams
 
     params = SamplingParams(n=1, temperature=args.sample_temperature, max_new_tokens=args.max_new_tokens,
                             seed=args.seed, stop_token_ids=tuple(tok.stop_token_ids))
@@ -268,7 +269,7 @@ def plot(data: dict, path: Path, *, color: str, last: int, title: str) -> None:
 # --- main ---------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m evals.lens", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog=cli.prog("bupo.evals.lens"), description=__doc__.split("\n\n")[0],
                                 epilog="Row l at position t is a distribution over the token at t + 1.")
     p.add_argument("--model", required=True, help="HF model folder, or 'smollm2' (the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--prompt", required=True, help="prompt text")

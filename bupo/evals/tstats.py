@@ -1,5 +1,5 @@
 """Student t statistics over a few runs: t quantiles (no scipy), the t-interval of a mean and the Welch interval of a
-difference of means. Used by evals.compare.
+difference of means. Used by bupo.evals.compare.
 
 The t CDF is computed through the regularized incomplete beta function (continued fraction) and inverted by
 bisection; exact to ~1e-10, non-integer degrees of freedom included (Welch).

@@ -1,4 +1,4 @@
-"""Hand-written Llama-family decoder (Llama 3.x, Qwen2/2.5, Qwen3 as flags: models/decoder.py) with HF-compatible
+"""Hand-written Llama-family decoder (Llama 3.x, Qwen2/2.5, Qwen3 as flags: bupo/models/decoder.py) with HF-compatible
 weights in and out.
 
     model = models.load_pretrained(path, dtype=torch.bfloat16, device="cuda")

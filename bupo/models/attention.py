@@ -1,4 +1,4 @@
-"""Attention backends of the decoder (models/decoder.py), plus the KV cache of the built-in sampler.
+"""Attention backends of the decoder (bupo/models/decoder.py), plus the KV cache of the built-in sampler.
 
 Legend: B batch, T time (tokens per row), N total packed tokens, S cache slots, nh query heads,
 nkv key/value heads (GQA: nh % nkv == 0), hd head dim.

@@ -1,14 +1,14 @@
 """avg@n and unbiased pass@k on math eval sets.
 
-    python -m evals.passk --model smollm2 --data arithmetic --n 16 --max-new-tokens 128 --out runs/passk
-    python -m evals.passk --model DIR --data amc2023 math500 --n 16 --engine vllm --out runs/eval
+    python -m bupo.evals.passk --model smollm2 --data arithmetic --n 16 --max-new-tokens 128 --out runs/passk
+    python -m bupo.evals.passk --model DIR --data amc2023 math500 --n 16 --engine vllm --out runs/eval
 
 Samples n responses per problem (T, top-p as given), scores them with the trainer's reward (bupo.reward), and
 reports per dataset and overall (the mean over datasets, as the paper averages benchmarks):
 avg@n = mean score, and pass@k = mean over problems of 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), c = correct
 samples of the problem. Generations are appended to <out>/generations.jsonl one batch at a time; a rerun with the
 same settings skips what is there (a crash loses at most the batch in flight; a truncated last line is dropped).
-Seeding (bupo.rollout's one scheme): sample j of problem i of a dataset draws from
+Seeding (bupo.rollout.interface's one scheme): sample j of problem i of a dataset draws from
 sequence_seed(step_seed(seed, "passk/<dataset>", 0), i, j), whatever the batching or the order of runs, so a resumed
 run draws what an uninterrupted one would have.
 Writes <out>/passk.json, <out>/passk.png and prints a markdown table.
@@ -30,7 +30,7 @@ from bupo.metrics import plot_text
 SETTINGS = ("model", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "enable_thinking",
             "max_prompt_length", "chat_template", "seed_scheme")
 # How samples are seeded, recorded with the settings. 1 (files without the key, written before it existed): one
-# seed per batch of problems, from the batch's first problem; 2: per sample, bupo.rollout's scheme (module docstring).
+# seed per batch of problems, from the batch's first problem; 2: per sample, the scheme of bupo.rollout.interface.
 SEED_SCHEME = 2
 
 
@@ -93,7 +93,7 @@ def check_settings(out: Path, settings: dict) -> None:
         scheme = old.get("seed_scheme", 1)
         if scheme != settings["seed_scheme"]:
             raise ValueError(f"--out {out} holds generations drawn with seeding scheme {scheme} (an earlier "
-                             f"evals.passk: one seed per batch of problems); this version seeds each sample from "
+                             f"bupo.evals.passk: one seed per batch of problems); this version seeds each sample from "
                              f"(seed, dataset, problem, sample) (scheme {settings['seed_scheme']}), so new samples "
                              "would not be the ones that run would have drawn. Use a fresh --out, or delete the "
                              "old one to start over")
@@ -141,10 +141,10 @@ def read_template(path: str) -> str:
 
 
 def make_engine(kind: str, path: Path, tok, args):
-    """bupo.rollout.make_engine from the command line: bf16 on CUDA, fp32 on CPU."""
+    """bupo.rollout.engine.make_engine from the command line: bf16 on CUDA, fp32 on CPU."""
     import torch
 
-    from bupo.rollout import make_engine as engine_for
+    from bupo.rollout.engine import make_engine as engine_for
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return engine_for(kind, path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -174,7 +174,7 @@ def generate_batch(engine, tok, name: str, group: list, missing: dict, args) -> 
     full (n samples, seed_index = its problem index) and only the missing ones are kept: they are what any other
     run draws for them (module docstring), also for a problem a crash cut short."""
     from bupo.reward import score_batch
-    from bupo.rollout import SamplingParams, step_seed
+    from bupo.rollout.interface import SamplingParams, step_seed
 
     todo = [p for p in group if missing[p.row.index]]
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -271,7 +271,7 @@ def parse_ks(text: str, n: int) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m evals.passk", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=cli.prog("bupo.evals.passk"), description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF model folder, or 'smollm2'")
     p.add_argument("--data", nargs="+", required=True,
                    help="dataset names (amc2023, math500, aime_2024, aime_2025, 'arithmetic') or parquet paths")
@@ -312,9 +312,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     ks = parse_ks(args.k, args.n)
     from bupo.cli import check_out_dir
+    from bupo.evals import resolve_model
     from bupo.reward import shutdown
     from bupo.tokenizer import Tokenizer
-    from evals import resolve_model
 
     path = resolve_model(args.model)
     check_out_dir(args.out, "--out")

@@ -1,6 +1,6 @@
 """Throughput of the built-in sampler against transformers' `generate` (with its KV cache), side by side.
 
-    python -m bupo.bench_rollout --prompts 16 --n 1 --max-new-tokens 64
+    python -m bupo.bench.rollout --prompts 16 --n 1 --max-new-tokens 64
 
 Both run the real SmolLM2-135M-Instruct (models.smollm2_path(): the GGUF converted to an HF folder) in the same
 dtype, on the same chat-rendered prompts of the built-in arithmetic task, left-padded, with the same sampling
@@ -23,17 +23,17 @@ from pathlib import Path
 
 import torch
 
-import models
-from bupo import cli
+from bupo import cli, models
 from bupo.data import arithmetic_rows, render_prompts
-from bupo.rollout import BuiltinEngine, SamplingParams
+from bupo.rollout.builtin import BuiltinEngine
+from bupo.rollout.interface import SamplingParams
 from bupo.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = cli.ArgumentParser(prog="python -m bupo.bench_rollout", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog=cli.prog("bupo.bench.rollout"), description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=16, help="number of prompts (arithmetic task, chat template)")
     ap.add_argument("--n", type=int, default=1, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sample")

@@ -1,4 +1,4 @@
-"""liger-kernel's fused RMSNorm, RoPE and SwiGLU inside our decoder (models/decoder.py; CUDA, optional).
+"""liger-kernel's fused RMSNorm, RoPE and SwiGLU inside our decoder (bupo/models/decoder.py; CUDA, optional).
 
 The decoder's modules carry one hook, None by default (the plain PyTorch body runs):
   RMSNorm.fused_norm(x, weight, eps) -> y          every RMSNorm (layer norms, q/k norms, the final norm)

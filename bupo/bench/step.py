@@ -1,11 +1,11 @@
-"""Phase-one vs full update step on the same rollout batch: `python -m bupo.bench_step`.
+"""Phase-one vs full update step on the same rollout batch: `python -m bupo.bench.step`.
 
 Times the trainer's own update (`update_policy`: packed forward, fused log-prob/entropy, backward, AdamW step) under
 the same FSDP2 setup as training, once with the internal policy of layer k (BuPO phase one: layers 0..k only) and
 once with the full policy, side by side in one run, and prints the ratio. The default model is a random
 24-layer Llama-style config whose head is about 5% of the forward FLOPs; the issue's CPU target is a ratio <= 0.30
 at k = 3. `--shape qwen3-0.6b` uses Qwen3-0.6B's config instead (random weights; 28 layers, tied head, V=151936):
-    python -m bupo.bench_step --shape qwen3-0.6b --k 5 --device cuda --seqs 16 --prompt-len 256 --resp-len 768
+    python -m bupo.bench.step --shape qwen3-0.6b --k 5 --device cuda --seqs 16 --prompt-len 256 --resp-len 768
 Last stdout line: one JSON object.
 """
 
@@ -18,10 +18,9 @@ import time
 
 import torch
 
-import models
-from bupo import checkpoint, cli, parallel
+from bupo import checkpoint, cli, models, parallel
 from bupo.config import AlgoConfig
-from bupo.rollout import Rollout
+from bupo.rollout.interface import Rollout
 from bupo.update import is_phase_one_param, update_policy
 
 # Real configs (random weights): what --shape picks instead of --layers/--hidden/--vocab.
@@ -82,7 +81,7 @@ def model_config(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = cli.ArgumentParser(prog="python -m bupo.bench_step", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=cli.prog("bupo.bench.step"), description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=["custom", *SHAPES], default="custom",
                    help="custom: a random Llama-style model of --layers/--hidden/--vocab; else that model's config")
     p.add_argument("--layers", type=int, help="--shape custom (default 24)")

@@ -1,6 +1,6 @@
 """Compare training runs over seeds: per-step means with t-intervals, window means, group differences.
 
-    python -m evals.compare runs/bupo_s0 runs/bupo_s1 runs/bupo_s2 runs/grpo_s0 runs/grpo_s1 runs/grpo_s2 --out runs/cmp
+    bupo compare runs/bupo_s0 runs/bupo_s1 runs/bupo_s2 runs/grpo_s0 runs/grpo_s1 runs/grpo_s2 --out runs/cmp
 
 Each RUN_DIR is an out_dir of `python -m bupo.train` (metrics.jsonl + config.json). Runs are grouped by a label:
 by default the config settings that differ between the runs (e.g. `bupo.iterative_steps=30` vs `=0`), ignoring
@@ -14,7 +14,7 @@ Statistics (every interval is a two-sided Student t-interval at --level, default
 - difference of each group from the baseline (--baseline, default the first group): difference of the mean window
   means, Welch t-interval (unequal variances, Welch-Satterthwaite degrees of freedom).
 With n = 1 run (or n = 1 on either side of a difference) no interval is reported (null), never a made-up one.
-Student t quantiles are computed in evals.tstats (no scipy): the t CDF through the regularized incomplete beta
+Student t quantiles are computed in bupo.evals.tstats (no scipy): the t CDF through the regularized incomplete beta
 function (continued fraction), inverted by bisection; exact to ~1e-10, non-integer df included (Welch).
 
 Output: <out>/compare.json (everything above, per step and per window), <out>/compare.md (window tables, also
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bupo import cli
+from bupo.evals.tstats import betainc, t_cdf, t_interval, t_quantile, welch_interval  # noqa: F401 (re-exported)
 from bupo.metrics import plot_text
-from evals.tstats import betainc, t_cdf, t_interval, t_quantile, welch_interval  # noqa: F401 (re-exported)
 
 METRICS = ("reward_mean", "accuracy", "entropy", "response_len_mean")
 # Config fields that do not change what a run computes step by step; they may differ between replicates.
@@ -410,7 +410,7 @@ def _finite(x):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m evals.compare", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog=cli.prog("bupo.evals.compare"), description=__doc__.split("\n\n")[0],
                                 epilog="Intervals: see the module docstring (Student t over seeds; Welch for "
                                        "differences; none for n=1).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="out_dir of python -m bupo.train")

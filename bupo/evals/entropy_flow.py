@@ -1,7 +1,7 @@
 """Internal-policy entropy flow through the layers (paper Figs. 2-3) and the boundary layer.
 
-    python -m evals.entropy_flow --model smollm2 --data arithmetic --num-prompts 32 --max-new-tokens 64 --out runs/ef
-    python -m evals.entropy_flow --model DIR --samples samples.jsonl --out runs/ef [--norm] [--tokenizer-vocab]
+    bupo entropy-flow --model smollm2 --data arithmetic --num-prompts 32 --max-new-tokens 64 --out runs/ef
+    bupo entropy-flow --model DIR --samples samples.jsonl --out runs/ef [--norm] [--tokenizer-vocab]
 
 Input: either --samples FILE.jsonl with rows {"prompt_ids": [...], "response_ids": [...]}, or a dataset
 (a name, a parquet path or 'arithmetic') whose first --num-prompts prompts (after a --seed shuffle) get one response
@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from bupo import cli
+from bupo.evals import load_model, pick_device  # noqa: F401 (pick_device: re-exported)
 from bupo.metrics import plot_text
-from bupo.rollout import Rollout
-from evals import load_model, pick_device  # noqa: F401 (pick_device: re-exported)
+from bupo.rollout.interface import Rollout
 
 XLABEL = "layer l (0-based; paper layer = l + 1)"
 
@@ -69,7 +69,8 @@ def read_samples(path: str | Path, vocab_size: int) -> list[Rollout]:
 
 def generate_samples(model, tok, args) -> list[Rollout]:
     from bupo.data import arithmetic_rows, load_rows, render_prompts
-    from bupo.rollout import BuiltinEngine, SamplingParams
+    from bupo.rollout.builtin import BuiltinEngine
+    from bupo.rollout.interface import SamplingParams
 
     if args.data == "arithmetic":
         rows = arithmetic_rows(args.num_prompts, args.seed)
@@ -160,7 +161,7 @@ def table(flow: dict) -> str:
 # --- main --------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m evals.entropy_flow", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=cli.prog("bupo.evals.entropy_flow"), description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF model folder, or 'smollm2'")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="jsonl with prompt_ids / response_ids rows")

@@ -9,7 +9,7 @@ makes one pass over W for all of them: the V-chunk loop reads each chunk of W on
 """
 import torch
 
-from kernels.linear_logprob_entropy import (
+from bupo.kernels.linear_logprob_entropy import (
     _check_inputs,
     _resolve_backend,
     _torch_forward,

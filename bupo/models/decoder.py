@@ -177,7 +177,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.fused_norm = None  # (x, weight, eps) -> y; set by models.liger.use_liger
+        self.fused_norm = None  # (x, weight, eps) -> y; set by bupo.models.liger.use_liger
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_norm is not None:
@@ -248,7 +248,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, nkv * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(H, nkv * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(nh * hd, H, bias=cfg.o_bias)
-        self.fused_rope = None  # (q, k, cos, sin) -> (q, k) rotated; set by models.liger.use_liger
+        self.fused_rope = None  # (q, k, cos, sin) -> (q, k) rotated; set by bupo.models.liger.use_liger
         self.qk_norm = cfg.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -280,7 +280,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
-        self.fused_swiglu = None  # (gate, up) -> silu(gate) * up; set by models.liger.use_liger
+        self.fused_swiglu = None  # (gate, up) -> silu(gate) * up; set by bupo.models.liger.use_liger
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_swiglu is not None:

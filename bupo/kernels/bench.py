@@ -1,7 +1,7 @@
 """Microbenchmarks for the fused linear log-prob + entropy: providers side by side.
 
-    python -m kernels.bench --shape qwen3-4b --tokens 16384 --dtype bfloat16 --mode both          # GPU
-    python -m kernels.bench --shape custom --hidden 512 --vocab 151936 --tokens 2048 --dtype float32 --mode fwdbwd
+    python -m bupo.kernels.bench --shape qwen3-4b --tokens 16384 --dtype bfloat16 --mode both          # GPU
+    python -m bupo.kernels.bench --shape custom --hidden 512 --vocab 151936 --tokens 2048 --dtype float32 --mode fwdbwd
 
 Providers: naive (plain PyTorch, materializes [N, V] logits), torch (our chunked PyTorch path), torch-compile
 (the same under torch.compile), triton (our kernels; CUDA only), liger (Liger's fused linear cross entropy,
@@ -33,9 +33,9 @@ import time
 
 import torch
 
-from kernels.linear_logprob_entropy import linear_logprob_entropy, triton
+from bupo.kernels.linear_logprob_entropy import linear_logprob_entropy, triton
 
-_LLE = sys.modules["kernels.linear_logprob_entropy"]
+_LLE = sys.modules["bupo.kernels.linear_logprob_entropy"]
 SHAPES = {"qwen3-4b": (2560, 151936), "qwen3-8b": (4096, 151936), "llama3-8b": (4096, 128256)}
 PROVIDERS = ("naive", "torch", "torch-compile", "torch-noflush", "torch-ftz", "triton", "liger", "cce")
 DEFAULT_PROVIDERS = "naive,torch,torch-compile,triton,liger,cce"
@@ -205,8 +205,14 @@ def environment(device: torch.device) -> dict:
             "commit": commit, "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
+def _prog() -> str:
+    # `bupo bench kernels` when the bupo command runs this (bupo.cli.COMMAND_NAME); bupo.kernels imports nothing else
+    # of ours, so the name is read from the already imported module, if any
+    return getattr(sys.modules.get("bupo.cli"), "COMMAND_NAME", None) or "python -m bupo.kernels.bench"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=_prog(), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=[*SHAPES, "custom"], default="qwen3-4b", help="model whose H and V to use")
     p.add_argument("--hidden", type=int, help="H for --shape custom")
@@ -222,7 +228,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="logit spread: normal (std 2), peaked (std 40: denormal-prone), flat (std 0.01)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs (default: torch's)")
-    p.add_argument("--csv", default=os.path.join("kernels", "bench_results.csv"), help="CSV file to append to")
+    p.add_argument("--csv", default=os.path.join("bupo", "kernels", "bench_results.csv"), help="CSV file to append to")
     args = p.parse_args(argv)
     if args.shape == "custom" and (args.hidden is None or args.vocab is None):
         p.error("--shape custom needs --hidden and --vocab")
@@ -318,7 +324,7 @@ def write_csv(path: str, meta: dict, rows: list[dict]) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as e:  # bupo.cli.run_main's rule; kernels/ does not import bupo
+    except (ValueError, OSError) as e:  # bupo.cli.run_main's rule; bupo/kernels/ does not import bupo
         if os.environ.get("BUPO_TRACEBACK", "") not in ("", "0"):
             raise
         sys.exit(f"error: {e}")

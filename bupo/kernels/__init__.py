@@ -3,9 +3,9 @@
 linear_logprob_entropy(hidden, weight, labels, *, temperature, ignore_index, backend) -> (logp, entropy)
 linear_entropy(hidden, weight, *, temperature, backend) -> entropy          (forward only)
 linear_entropy_many(hiddens, weight, *, temperature, backend) -> [entropy]  (one pass over weight)
-Microbenchmarks: python -m kernels.bench --help
+Microbenchmarks: python -m bupo.kernels.bench --help
 """
-from kernels.linear_entropy import linear_entropy, linear_entropy_many
-from kernels.linear_logprob_entropy import linear_logprob_entropy
+from bupo.kernels.linear_entropy import linear_entropy, linear_entropy_many
+from bupo.kernels.linear_logprob_entropy import linear_logprob_entropy
 
 __all__ = ["linear_logprob_entropy", "linear_entropy", "linear_entropy_many"]

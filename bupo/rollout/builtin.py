@@ -1,12 +1,12 @@
-"""Rollout engines: the interface the trainer samples through, and the built-in batched sampler with a KV cache.
+"""The built-in batched sampler: our own modules with a KV cache (CPU, laptops, one-GPU debugging).
 
     engine = BuiltinEngine(model, max_batch_size=64)
     samples = engine.generate(prompt_ids, SamplingParams(n=8, max_new_tokens=512, stop_token_ids=tok.stop_token_ids))
     engine.update_weights(model.named_parameters())     # HF names, full tensors
 
-The built-in engine runs on our own modules (CPU, laptops, one-GPU debugging); `bupo.vllm_engine` implements the same
-`Engine` protocol on vLLM. With `layer=k` it samples from the internal policy pi^k = softmax(h_k E^T / T) of the
-paper (decoder layers above k never run and are not cached).
+`bupo.rollout.vllm_engine` implements the same `Engine` protocol (bupo.rollout.interface) on vLLM. With `layer=k`
+this engine samples from the internal policy pi^k = softmax(h_k E^T / T) of the paper (decoder layers above k never
+run and are not cached).
 
 How one batch of at most `max_batch_size` sequences is generated:
 1. prefill: each distinct prompt of the batch runs once, left-padded to the longest one (pad slots are masked out,
@@ -14,138 +14,22 @@ How one batch of at most `max_batch_size` sequences is generated:
 2. decode: one token per row per step, logits [B, V] only for that token; rows that hit a stop id are dropped from
    the batch (their cache rows are compacted away) once at least a quarter of the batch has finished.
 Randomness: every sequence owns a torch.Generator seeded from (seed, prompt index, sample index) that draws its
-uniforms once, up front; a token is the inverse CDF of the sampled distribution at that uniform. So a sequence's
-tokens do not depend on the batch it lands in or on `max_batch_size` (up to float rounding of near-ties).
-
-Seeding, the one scheme of the project (training rollouts, validation, the auto internal layer, pass@k): a generate
-call gets `SamplingParams.seed = step_seed(run seed, purpose, step)` and `seed_index` = the global index of each of
-its prompts; sample j of the prompt with global index i draws from `sequence_seed(that seed, i, j)`
-(`SamplingParams.sample_seed`), in both engines. The purposes: "train" (index = position in the step's global batch),
-"val/<set>" and "passk/<dataset>" (index = the problem's row in the set; pass@k uses step 0), "auto". So a sample
-depends on (seed, purpose, step, index, j) only: not on the number of ranks, the batching or the order of runs.
-
-`Rollout` is the one record of a sample: the engines return it, the trainer adds its training signals (advantage,
-old and reference log-probs, the zero-variance filter) and `bupo.update` packs and trains on it; the entropy-flow
-analysis and the layer diagnostics pack it the same way (`bupo.update.pack`, `bupo.update.split_micro_batches`).
+uniforms once, up front; a token is the inverse CDF of the sampled distribution at that uniform, so the same logits
+at any batch position give the same token (`sample_tokens` is row-wise). The logits themselves are not
+batch-invariant: another batch composition (other prompts beside it, another padding, another `max_batch_size`)
+changes the matrix shapes of the forward, hence its float rounding in the last bits, and a uniform that falls within
+that rounding of a CDF boundary picks the neighbouring token. Equal samples across batch compositions are therefore
+typical, not guaranteed; what is guaranteed is equal uniforms and, for equal logits, equal tokens.
 
 Legend: B sequences in a batch, U distinct prompts in it, P longest prompt, N max_new_tokens, H hidden, V vocab.
 """
 
-import importlib.util
-import warnings
-import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
-import models
-from models.liger import use_liger
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    n: int = 1  # samples per prompt
-    temperature: float = 1.0  # 0 = greedy: argmax, top_p/top_k ignored, logprobs of the raw T=1 distribution
-    top_p: float = 1.0  # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p; 1 = off
-    top_k: int = -1  # keep the k most likely tokens; -1 (or 0) = off. Applied before top_p, as in vLLM
-    max_new_tokens: int = 256  # a response that reaches it without a stop id is truncated (finished=False)
-    seed: int = 0  # with (prompt index, sample index) seeds each sequence's own generator
-    stop_token_ids: tuple[int, ...] = ()  # EOS / end-of-turn ids; the stop id ends the response and is kept in it
-    layer: int | None = None  # None = full policy; k = internal policy softmax(h_k E^T / T) (0-based layer)
-    norm: bool = False  # with layer=k: apply the final norm to h_k first (paper ablation)
-    # per prompt of the generate call, the index that seeds its samples; empty: the prompt's position in the call.
-    # The trainer passes each prompt's position in the global batch, so a prompt draws the same tokens on any number
-    # of ranks.
-    seed_index: tuple[int, ...] = ()
-
-    def sample_seed(self, prompt: int, sample: int) -> int:
-        """The generator seed of sample `sample` of prompt `prompt` (its position in the generate call)."""
-        return sequence_seed(self.seed, self.seed_index[prompt] if self.seed_index else prompt, sample)
-
-    def validate(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"SamplingParams.top_k must be -1 or 0 (off) or a positive count, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    def check_prompts(self, num_prompts: int) -> None:
-        self.validate()
-        if self.seed_index and len(self.seed_index) != num_prompts:
-            raise ValueError(f"SamplingParams.seed_index has {len(self.seed_index)} entries for {num_prompts} prompts")
-
-
-@dataclass
-class Rollout:
-    """One sampled response and what training attaches to it. The engines fill the first six fields; the trainer
-    sets advantage, old_logp, ref_logp and active before the update. Log-prob tensors are fp32, one per response
-    token."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]  # ends with the stop id when finished
-    # the sampler's log-prob of each response token under the distribution it was drawn from (None: not reported)
-    logprobs: list[float] | torch.Tensor | None = None
-    finished: bool = True  # True: ended on a stop id; False: hit max_new_tokens (truncated)
-    prompt_index: int = 0  # index into the `prompts` list given to generate
-    sample_index: int = 0  # 0..n-1
-    advantage: float = 0.0  # broadcast over the response tokens
-    old_logp: torch.Tensor | None = None  # under the policy being optimized, before the update (None: = new, detached)
-    ref_logp: torch.Tensor | None = None  # under the reference policy (algo.kl_coef > 0)
-    active: bool = True  # False: left out of the loss and the token count (zero-variance group filter)
-
-    def __len__(self) -> int:
-        """Packed length: prompt + response tokens."""
-        return len(self.prompt_ids) + len(self.response_ids)
-
-
-@runtime_checkable
-class Engine(Protocol):
-    """What the trainer needs from a sampler (the built-in engine here, vLLM in bupo.vllm_engine)."""
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        """len(prompts) * params.n samples, prompt-major: prompt 0's n samples first, then prompt 1's, ..."""
-        ...
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load full (unsharded) tensors by HF checkpoint name; a subset of the weights is fine."""
-        ...
-
-    def sleep(self) -> None:
-        """Free accelerator memory between rollouts (weights may be dropped; update_weights follows)."""
-        ...
-
-    def wake_up(self) -> None:
-        """Undo sleep before the next generate."""
-        ...
-
-
-def sequence_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """A 63-bit generator seed for one sequence: splitmix64 over the three numbers, so neighbouring prompts or
-    samples get unrelated streams."""
-    x = 0
-    for part in (seed, prompt_index, sample_index):
-        x = (x ^ (part & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x >> 1
-
-
-def step_seed(seed: int, purpose: str, step: int) -> int:
-    """The SamplingParams.seed of one generate call of a run: the run seed, what is sampled (`"train"`,
-    `"val/<set>"`, `"auto"`, `"passk/<dataset>"`) and the step, hashed together. With sequence_seed this is the one
-    seeding scheme of the project (module docstring): sample j of the prompt with global index i draws from
-    sequence_seed(step_seed(seed, purpose, step), i, j), whatever the number of ranks and batches."""
-    return sequence_seed(seed, zlib.crc32(purpose.encode()), step) & 0x7FFFFFFF
+from bupo.rollout.interface import Rollout, SamplingParams
 
 
 def _nucleus_candidates(x: torch.Tensor, lse: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,39 +212,4 @@ class BuiltinEngine:
         ]
 
 
-# --- engine choice ----------------------------------------------------------------------------------------------------
-
-def make_engine(kind: str, model_path: str | Path, *, device: torch.device, dtype: torch.dtype,
-                vocab_size: int | None, max_batch_size: int = 64, seed: int = 0,
-                gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, max_model_len: int = 4096,
-                liger: bool = False, flag: str = "rollout.engine") -> Engine:
-    """The rollout engine `kind` on the HF folder `model_path`, for the trainer and evals.passk alike.
-
-    kind: "builtin" (our modules, loaded in `dtype` on `device`, liger-kernel hooks when `liger`), "vllm"
-    (bupo.vllm_engine: `seed` is the engine seed, the other vLLM arguments are passed on) or "auto" (vllm on a CUDA
-    `device` when installed, else builtin, with a warning on CUDA). vocab_size: the tokenizer's real vocabulary
-    (sampling is masked to it). `flag` names the setting in errors and warnings. ImportError when vllm is asked for
-    and not installed.
-    """
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    if kind == "auto":
-        kind = "vllm" if device.type == "cuda" and has_vllm else "builtin"
-        if device.type == "cuda" and not has_vllm:
-            warnings.warn(f"{flag}=auto: vllm is not installed, falling back to the built-in engine")
-    if kind == "vllm":
-        from bupo.vllm_engine import VLLM_RANGE, VLLMEngine
-        if not has_vllm:
-            raise ImportError(f"{flag}=vllm needs vllm {VLLM_RANGE} on a CUDA machine: pip install -e '.[gpu]' "
-                              f"(or use {flag}=builtin, which runs everywhere)")
-        return VLLMEngine(str(model_path), seed=seed, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                          tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-                          vocab_size=vocab_size)
-    assert kind == "builtin", kind  # Config.validate and argparse accept only auto, builtin and vllm
-    model = models.load_pretrained(model_path, dtype=dtype, device=device)
-    if liger:
-        use_liger(model)
-    return BuiltinEngine(model, max_batch_size=max_batch_size, vocab_size=vocab_size)
-
-
-__all__ = ["BuiltinEngine", "Engine", "Rollout", "SamplingParams", "make_engine", "sample_tokens", "sequence_seed",
-           "step_seed"]
+__all__ = ["BuiltinEngine", "sample_tokens"]

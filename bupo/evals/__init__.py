@@ -1,13 +1,14 @@
-"""Evaluation and analysis entry points: `python -m evals.passk` (avg@n, unbiased pass@k),
-`python -m evals.entropy_flow` (internal-policy entropy flow, paper Figs. 2-3; the core is bupo.analysis),
-`python -m evals.compare` (runs grouped by setting, means and t-intervals over seeds) and `python -m evals.lens`
-(the top tokens, entropy and rank of the final prediction under every internal policy pi^l)."""
+"""Evaluation and analysis entry points: `bupo passk` = `python -m bupo.evals.passk` (avg@n, unbiased pass@k),
+`bupo entropy-flow` = `python -m bupo.evals.entropy_flow` (internal-policy entropy flow, paper Figs. 2-3; the core
+is bupo.analysis), `bupo compare` = `python -m bupo.evals.compare` (runs grouped by setting, means and t-intervals
+over seeds) and `bupo lens` = `python -m bupo.evals.lens` (the top tokens, entropy and rank of the final prediction
+under every internal policy pi^l)."""
 
 from pathlib import Path
 
 import torch
 
-import models
+from bupo import models
 
 
 def resolve_model(name: str) -> Path:

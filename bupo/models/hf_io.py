@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from .decoder import CausalLM, DecoderConfig
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # one decoder (models/decoder.py); the type sets its flags
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # one decoder (bupo/models/decoder.py); the type sets its flags
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
