@@ -141,7 +141,8 @@ class TrainerConfig:
     device: str = "auto"  # "auto", "cpu" or "cuda"
     threads: int = 0  # torch CPU threads per process (0: torch's default)
     plot: bool = True  # write reward/entropy curves to out_dir/curves.png at the end
-    wandb: bool = False  # log to Weights & Biases when installed
+    wandb: bool = False  # log to Weights & Biases when installed (WANDB_MODE=offline: only to out_dir/wandb/)
+    wandb_project: str = "bupo"  # the wandb project; the run is named after out_dir and resumes with it
     tensorboard: bool = False  # log to TensorBoard when installed
     export: bool = True  # write out_dir/final/ (HF folder) at the end
 

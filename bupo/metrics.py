@@ -7,6 +7,7 @@ import json
 import math
 import os
 import resource
+import uuid
 import warnings
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class MetricsLogger:
     warning, those past it (the steps are redone); the file is rewritten atomically, so a crash loses nothing."""
 
     def __init__(self, out_dir: str | Path, *, enabled: bool, resume_step: int = 0, wandb: bool = False,
-                 tensorboard: bool = False, config: dict | None = None):
+                 tensorboard: bool = False, config: dict | None = None, wandb_project: str = "bupo"):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self._wandb = self._tb = None
@@ -94,17 +95,15 @@ class MetricsLogger:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
         if wandb:
-            try:
-                import wandb as wb
-                self._wandb = wb.init(project="bupo", dir=str(out_dir), config=config, resume="allow")
-            except ImportError:
-                warnings.warn("trainer.wandb=true but wandb is not installed; logging to metrics.jsonl only")
+            self._wandb = _wandb_run(Path(out_dir), config, wandb_project)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
             except ImportError:
                 warnings.warn("trainer.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
+            else:  # purge_step: events of the steps that are redone after a resume are hidden from the reader
+                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step > 0 else None)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -123,6 +122,23 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _wandb_run(out_dir: Path, config: dict | None, project: str):
+    """A wandb run for out_dir (None with a warning when wandb is not installed). Its id is kept in
+    out_dir/wandb/bupo_run_id, so a resumed trainer run continues the same wandb run. WANDB_MODE=offline writes the
+    run under out_dir/wandb/ only."""
+    try:
+        import wandb as wb
+    except ImportError:
+        warnings.warn("trainer.wandb=true but wandb is not installed; logging to metrics.jsonl only")
+        return None
+    id_file = out_dir / "wandb" / "bupo_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n")
+    return wb.init(project=project, name=out_dir.resolve().name, dir=str(out_dir), config=config, id=run_id,
+                   resume="allow")
 
 
 def summary_line(record: dict) -> str:

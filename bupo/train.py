@@ -116,7 +116,8 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
         sync_weights(model, engine, None)
         log(f"[resume] from {ckpt} (step {state['step']})")
     logger = MetricsLogger(out, enabled=info.is_main, resume_step=start - 1, wandb=cfg.trainer.wandb,
-                           tensorboard=cfg.trainer.tensorboard, config=cfg.to_dict())
+                           tensorboard=cfg.trainer.tensorboard, config=cfg.to_dict(),
+                           wandb_project=cfg.trainer.wandb_project)
     return Run(info=info, out=out, path=path, tok=tok, model=model, engine=engine, optimizer=optimizer,
                scheduler=scheduler, loader=loader, val_sets=val_sets, k=k, trainable=trainable, ref_model=ref_model,
                logger=logger, start=start, log=log)

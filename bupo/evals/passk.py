@@ -8,9 +8,10 @@ reports per dataset and overall (the mean over datasets, as the paper averages b
 avg@n = mean score, and pass@k = mean over problems of 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), c = correct
 samples of the problem. Generations are appended to <out>/generations.jsonl one batch at a time; a rerun with the
 same settings skips what is there (a crash loses at most the batch in flight; a truncated last line is dropped).
-Seeding (bupo.rollout.interface's one scheme): sample j of problem i of a dataset draws from
-sequence_seed(step_seed(seed, "passk/<dataset>", 0), i, j), whatever the batching or the order of runs, so a resumed
-run draws what an uninterrupted one would have.
+Seeding (bupo.rollout.interface's one scheme): sample j of problem i of a dataset draws its uniforms from
+sequence_seed(step_seed(seed, "passk/<dataset>", 0), i, j), whatever the batching or the order of runs. A resumed
+run generates the same fixed batches as an uninterrupted one, so it samples the same texts; another --batch-size
+samples the same texts only up to near-ties of the logits (bupo.rollout.builtin), or exactly with --max-batch-size 1.
 Writes <out>/passk.json, <out>/passk.png and prints a markdown table.
 """
 

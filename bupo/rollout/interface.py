@@ -35,8 +35,8 @@ class SamplingParams:
     layer: int | None = None  # None = full policy; k = internal policy softmax(h_k E^T / T) (0-based layer)
     norm: bool = False  # with layer=k: apply the final norm to h_k first (paper ablation)
     # per prompt of the generate call, the index that seeds its samples; empty: the prompt's position in the call.
-    # The trainer passes each prompt's position in the global batch, so a prompt draws the same tokens on any number
-    # of ranks.
+    # The trainer passes each prompt's position in the global batch, so a prompt draws the same uniforms on any
+    # number of ranks.
     seed_index: tuple[int, ...] = ()
 
     def sample_seed(self, prompt: int, sample: int) -> int:

@@ -19,7 +19,7 @@ Contract with the trainer (bupo/train.py):
   tokens of 151936 rows): a `logit_bias` of -inf on the padded ids, at most MAX_MASKED_IDS of them. Log-probs are
   vLLM's "processed" ones (after temperature and the mask), i.e. of the distribution the token was drawn from.
 - Every sample is its own n=1 request seeded with `SamplingParams.sample_seed(prompt index, sample index)`, as in
-  the built-in engine, so a sample does not depend on the batch it lands in (vLLM shares the prompt's KV between
+  the built-in engine, so a sample's seed does not depend on the batch it lands in (vLLM shares the prompt's KV between
   its samples through the prefix cache).
 """
 

@@ -1,7 +1,12 @@
 """A whole run does not depend on the number of processes: the same config under one process and under torchrun
 with 2 gloo processes gives the same rollouts, rewards, metrics (validation and layer diagnostics included) and final
 weights, up to float reduction order. Covers the rank shares of each mini-batch, per-sample seeds by global position,
-the reward gather and advantage slice, the zero-variance filter, and every reduction of step statistics."""
+the reward gather and advantage slice, the zero-variance filter, and every reduction of step statistics.
+
+The runs sample with rollout.max_batch_size=1: each sequence is then prefilled and decoded alone, so its logits are
+computed the same way whatever the other prompts of its rank are, and its tokens are bitwise equal on any machine.
+With larger batches the two runs draw the same uniforms but their logits differ in the last bits (other matrix
+shapes), and a near-uniform tiny model can then pick a neighbouring token (bupo.rollout.builtin)."""
 
 import json
 import math
@@ -34,7 +39,8 @@ def _run(model: Path, out: Path, nproc: int) -> list[dict]:
             "algo.ppo_mini_batch_size": 2, "rollout.n": 3, "rollout.max_new_tokens": 5, "bupo.internal_layer": 1,
             "bupo.iterative_steps": 1, "optim.lr": 1e-3, "algo.filter_zero_variance": "true",
             "trainer.diag_every": 1, "trainer.diag_seqs": 5, "trainer.val_every": 2, "data.val_files": "arithmetic",
-            "data.val_max_prompts": 5, "trainer.val_n": 2, "rollout.engine": "builtin"}
+            "data.val_max_prompts": 5, "trainer.val_n": 2, "rollout.engine": "builtin",
+            "rollout.max_batch_size": 1}
     argv = [f"--{k}={v}" for k, v in args.items()]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if nproc == 1:
