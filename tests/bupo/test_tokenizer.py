@@ -105,6 +105,10 @@ TEMPLATE = """{{ bos_token or '' }}{% set ns = namespace(n=0) %}
 
 CHAT = [{"role": "system", "content": "S"}, {"role": "tool", "content": "skip"},
         {"role": "user", "content": "What's <b>2</b> & \"3\"?", "name": None}]
+# transformers 5 drops the None-valued keys of a message before rendering (ours does too); 4.x renders them as null,
+# so on 4.x the reference renders the messages without them
+CHAT_REF = CHAT if int(transformers.__version__.split(".")[0]) >= 5 else [
+    {k: v for k, v in m.items() if v is not None} for m in CHAT]
 
 
 @pytest.mark.parametrize("form", ["string", "list", "jinja_file"])
@@ -119,11 +123,11 @@ def test_template_forms_render_like_transformers(tmp_path, form):
     ours = Tokenizer.from_pretrained(d)
     ref = transformers.AutoTokenizer.from_pretrained(str(d))
     for enable_thinking in (None, True):
-        assert ours.apply_chat_template(CHAT, enable_thinking=enable_thinking) == hf_render(ref, CHAT,
+        assert ours.apply_chat_template(CHAT, enable_thinking=enable_thinking) == hf_render(ref, CHAT_REF,
                                                                                              enable_thinking)
     assert '"a<b>&c é"' in ours.apply_chat_template(CHAT)
     # A template without enable_thinking gets the empty think block appended when thinking is off.
-    assert ours.apply_chat_template(CHAT, enable_thinking=False) == hf_render(ref, CHAT, None) + NO_THINK_SUFFIX
+    assert ours.apply_chat_template(CHAT, enable_thinking=False) == hf_render(ref, CHAT_REF, None) + NO_THINK_SUFFIX
     with pytest.raises(jinja2.exceptions.TemplateError, match="bad role critic"):
         ours.apply_chat_template([{"role": "critic", "content": "x"}])
 

@@ -57,7 +57,8 @@ def test_checkpoints_are_complete_and_pruned(straight):
 def test_export_loads_in_transformers(straight, tiny_model):
     transformers = pytest.importorskip("transformers")
     out, _ = straight
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "final", **{dtype_kw: torch.float32})
     ours = models.load_pretrained(out / "final")
     ids = torch.tensor([[1, 5, 9, 200, 3000]])
     torch.testing.assert_close(hf(ids).logits, ours(ids))

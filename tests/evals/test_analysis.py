@@ -28,8 +28,9 @@ SHAPES = [(5, 7), (1, 4), (9, 1), (3, 0), (6, 11)]
 def hf_model(cfg: dict):
     kw = {k: v for k, v in cfg.items() if k != "model_type"}
     torch.manual_seed(0)
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5
     m = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(cfg["model_type"], **kw),
-                                                      attn_implementation="eager", dtype=torch.float32)
+                                                      attn_implementation="eager", **{dtype_kw: torch.float32})
     with torch.no_grad():
         for name, p in m.named_parameters():
             p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))

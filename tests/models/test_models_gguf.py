@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from tiny_models import transformers
+from tiny_models import DTYPE, transformers
 from torch.testing import assert_close
 
 from bupo import models
@@ -64,7 +64,7 @@ def test_smollm2_path_is_reused(smollm2_dir):
 
 @torch.no_grad()
 def test_matches_transformers_llama_on_the_same_folder(smollm2_dir, smollm2, hf_tok):
-    hf = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, **{DTYPE: torch.float32}).eval()
     ids = torch.tensor([hf_tok(RENDERED, add_special_tokens=False).input_ids])
     ref = hf(ids, output_hidden_states=True)
     assert_close(smollm2(ids), ref.logits)

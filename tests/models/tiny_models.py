@@ -6,6 +6,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+# transformers 5 names the load dtype `dtype`; 4.x (the test extra claims >= 4.51) takes `torch_dtype`, which 5.x
+# still reads with a deprecation warning
+DTYPE = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -52,7 +55,8 @@ def hf_model(cfg: dict, seed: int = 0):
     kw = copy.deepcopy({k: v for k, v in cfg.items() if k != "model_type"})  # transformers edits rope dicts
     hf_cfg = transformers.AutoConfig.for_model(cfg["model_type"], **kw)
     torch.manual_seed(seed)
-    m = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager", dtype=torch.float32)
+    m = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager",
+                                                      **{DTYPE: torch.float32})
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "norm" in name:
