@@ -64,7 +64,8 @@ def _gpu_check(args: list[str]) -> int:
     if not GPU_CHECK.is_file():
         return _fail(f"bupo gpu-check runs {GPU_CHECK}, which this installation does not have: run it from a source "
                      "checkout (pip install -e .) or as bash launch/gpu_check.sh")
-    os.execvp("bash", ["bash", str(GPU_CHECK), *args])  # replaces this process; its exit code is the check's
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}  # the interpreter bupo runs on
+    os.execvpe("bash", ["bash", str(GPU_CHECK), *args], env)  # replaces this process; its exit code is the check's
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ that lives beside Hugging Face's `kernels` (a dependency of transformers >= 5.25
 repository root, whose wheel holds `bupo/` alone, and whose `bupo` command reaches every entry point."""
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -191,3 +192,12 @@ def test_bench_without_a_kind_and_an_unknown_kind_are_usage_errors(capsys):
     assert command.main(["bench", "speed"]) == 2
     assert capsys.readouterr().err.strip() == ("error: unknown benchmark 'speed'; the benchmarks are kernels, step, "
                                                "rollout (see bupo --help)")
+
+
+def test_gpu_check_runs_the_launch_script_on_this_interpreter(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bupo", "gpu-check", "--plan"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHON"})
+    assert r.returncode == 0, r.stderr
+    parts = [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
+    assert parts[:6] == ["env", "gpu_tests", "kernel_bench", "bench_step", "e2e", "report"]
+    assert f"{sys.executable} -m bupo.gpu_check env" in r.stdout
