@@ -24,13 +24,17 @@ Backends (all share the math above; "naive" is the spec the others are tested ag
   (torch.addmm / torch.mm with out_dtype=float32, see _addmm_fp32). Runs on CUDA, and on CPU under
   TRITON_INTERPRET=1 (how the tests run it; triton 3.4, 3.5, 3.6 and 3.9 checked there).
 - "torch": the same tiling with PyTorch ops on [rows, Vc] tiles of at most CHUNK_BYTES, V chunks outer (W is
-  read once per pass); the CPU default. CPU GEMMs on denormal floats ran ~200x slower here, and
+  read once per pass); the CPU default. Tiles are fp32; with bf16 inputs on a CPU with bf16 matrix units the
+  products run there with fp32 accumulation and fp32 output (oneDNN's bf16 math mode, scoped to the products:
+  `_fp32_products_in_bf16`), so logits keep fp32 accuracy, and the backward's dz is rounded to bf16 for its two
+  products as the Triton backward's dz chunk is. CPU GEMMs on denormal floats ran ~200x slower here, and
   torch.set_flush_denormal only reaches the calling thread (not the OpenMP workers), so no global state is
   touched; instead log-probs below -FLUSH_BELOW are clamped (adds < V exp(-50) relative mass) and dz is
   normalized per row, so no tile holds a denormal.
 - "naive": a plain PyTorch model's computation (logits = h @ W^T in the input dtype, then fp32 log-softmax).
 - "auto": "triton" for CUDA tensors, "torch" otherwise.
 """
+import contextlib
 import functools
 import math
 import os
@@ -252,6 +256,38 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _bf16_products(h: torch.Tensor) -> bool:
+    """Whether the chunked path multiplies in bf16 with fp32 accumulation and fp32 output: bf16 inputs on a CPU whose
+    oneDNN has bf16 matrix units (AMX-BF16, AVX512-BF16), through torch.backends.mkldnn.matmul.fp32_precision
+    (torch >= 2.9). Else the products run in fp32 (the same values up to accumulation order, slower)."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    return (h.dtype == torch.bfloat16 and h.device.type == "cpu" and hasattr(matmul, "fp32_precision")
+            and torch.backends.mkldnn.is_available() and _cpu_has_bf16())
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@contextlib.contextmanager
+def _fp32_products_in_bf16(on: bool):
+    """fp32 CPU matrix products inside run on bf16 units with fp32 accumulation (oneDNN's bf16 math mode): exact
+    products of operands that are bf16 values, so logits from bf16 h and W keep fp32 accuracy at bf16 speed; an fp32
+    operand that is not a bf16 value (dz in backward) is rounded to bf16 first, as the Triton kernel's dz chunk is.
+    Only the matmul setting changes, and only inside."""
+    if not on:
+        yield
+        return
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 def _tiles(N: int, V: int, chunk_bytes: int) -> tuple[int, int]:
     """(rows, cols) of a logits tile, rows * cols * 4 <= chunk_bytes. Wide tiles keep the GEMMs efficient."""
     cols = min(V, TILE_COLS, max(1, chunk_bytes // 4))
@@ -267,7 +303,9 @@ def _torch_forward(h, w, y: torch.Tensor | None, inv_t: float, chunk_bytes: int 
     """-> m, log_s, entropy, zy as _triton_forward (compute dtype; zy None without y). W is read once."""
     cd, dev = _compute_dtype(h.dtype), h.device
     N, V = h.shape[0], w.shape[0]
+    bf16 = _bf16_products(h)  # then the products see h itself (bf16 values) and 1/T scales each tile after
     hs = h.to(cd) * inv_t  # [N, H]
+    hp, tile_scale = (h.to(cd), inv_t) if bf16 else (hs, 1.0)  # [N, H] product input
     m = torch.full((N,), -math.inf, dtype=cd, device=dev)
     s, q = torch.zeros(N, dtype=cd, device=dev), torch.zeros(N, dtype=cd, device=dev)
     rows, cols = _tiles(N, V, chunk_bytes or CHUNK_BYTES)
@@ -276,7 +314,10 @@ def _torch_forward(h, w, y: torch.Tensor | None, inv_t: float, chunk_bytes: int 
         wc = w[v0: v0 + cols].to(cd)  # [Vc, H]
         for r0 in range(0, N, rows):
             r = slice(r0, r0 + rows)
-            t = torch.mm(hs[r], wc.T, out=_tile(buf_t, hs[r].shape[0], wc.shape[0]))  # [rows, Vc] logits
+            with _fp32_products_in_bf16(bf16):
+                t = torch.mm(hp[r], wc.T, out=_tile(buf_t, hp[r].shape[0], wc.shape[0]))  # [rows, Vc] logits
+            if tile_scale != 1.0:
+                t.mul_(tile_scale)
             m_new = torch.maximum(m[r], t.amax(1))
             q_old = q[r] + s[r] * torch.where(s[r] > 0, m[r] - m_new, 0.0)  # re-centred on m_new
             alpha = torch.exp(m[r] - m_new)
@@ -298,8 +339,10 @@ def _torch_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int, need: tu
     r = coef.abs().amax(0).to(cd)
     r = torch.where(r > 0, r, 1.0)
     a, beta, gamma = (coef.to(cd) / r).unbind(0)
+    bf16 = _bf16_products(h)  # then the products see h itself (bf16 values); the scales move to the tiles
     hs = h.to(cd) * inv_t  # [N, H] recompute input
-    hr = hs * r[:, None]  # [N, H] dW input
+    hp = h.to(cd) if bf16 else hs  # [N, H] product input of the recompute and of dW
+    hr = hp if bf16 else hs * r[:, None]  # [N, H] dW input
     dh = torch.zeros(N, H, dtype=cd, device=dev) if need[0] else None
     dw = (torch.empty if N else torch.zeros)(V, H, dtype=w.dtype, device=dev) if need[1] else None
     rows, cols = _tiles(N, V, chunk_bytes)
@@ -313,18 +356,24 @@ def _torch_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int, need: tu
         col_y = (y - v0).clamp(0, vc - 1)
         for r0 in range(0, N, rows):
             sl = slice(r0, r0 + rows)
-            t = torch.mm(hs[sl], wc.T, out=_tile(buf_t, hs[sl].shape[0], vc))  # [rows, Vc] logits
+            with _fp32_products_in_bf16(bf16):
+                t = torch.mm(hp[sl], wc.T, out=_tile(buf_t, hp[sl].shape[0], vc))  # [rows, Vc] logits
+            if bf16 and inv_t != 1.0:
+                t.mul_(inv_t)
             t.sub_(lse[sl, None])  # log p
             p = torch.clamp(t, min=-FLUSH_BELOW, out=_tile(buf_p, *t.shape)).exp_()  # [rows, Vc]
             t.mul_(beta[sl, None]).add_(gamma[sl, None]).mul_(p)  # dz / r without the label term
             flat = torch.arange(t.shape[0], device=dev) * vc + col_y[sl]
             t.view(-1).index_add_(0, flat, at_y[sl])  # dz / r
-            if dh is not None:
-                dh[sl].addmm_(t, wc)
-            if dwc is not None and r0 == 0:
-                torch.mm(t.T, hr[sl], out=dwc)
-            elif dwc is not None:
-                dwc.addmm_(t.T, hr[sl])
+            with _fp32_products_in_bf16(bf16):
+                if dh is not None:
+                    dh[sl].addmm_(t, wc)
+                if dwc is not None and bf16:
+                    t.mul_((r[sl] * inv_t)[:, None])  # dz, so that dW's other factor is h itself
+                if dwc is not None and r0 == 0:
+                    torch.mm(t.T, hr[sl], out=dwc)
+                elif dwc is not None:
+                    dwc.addmm_(t.T, hr[sl])
         if dwc is not None and dw.dtype != cd:
             dw[v0: v0 + vc].copy_(dwc)
     if dh is not None:

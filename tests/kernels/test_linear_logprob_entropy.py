@@ -287,3 +287,35 @@ def test_triton_subprocess():
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton_"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_torch_bf16_forward_is_fp32_accurate_and_leaves_matmul_precision_alone(temperature, monkeypatch):
+    """bf16 h and W on the CPU: logits accumulate in fp32 and are never rounded to bf16 (on bf16 matrix units where
+    the CPU has them, M._bf16_products), so log-probs and entropies are as accurate as the fp32 path's on the same
+    values, far inside the naive bf16 error. The oneDNN matmul setting is back to what it was afterwards."""
+    monkeypatch.setattr(M, "TILE_COLS", 1024)
+    h, w, y, g_lp, g_ent = make(33, 64, 5003, "peaked", torch.bfloat16)
+    before = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+    ref = run(h.double(), w.double(), y, g_lp, g_ent, temperature, "naive")
+    got = run(h, w, y, g_lp, g_ent, temperature, "torch")
+    fp32 = run(h.float(), w.float(), y, g_lp, g_ent, temperature, "torch")
+    naive = run(h, w, y, g_lp, g_ent, temperature, "naive")
+    for i, name in enumerate(("logp", "entropy")):
+        scale = ref[i].abs().max().item()
+        err, err_fp32 = (got[i] - ref[i]).abs().max().item(), (fp32[i] - ref[i]).abs().max().item()
+        assert err <= max(4 * err_fp32, 1e-5 * scale), (name, err, err_fp32)
+        assert err * 100 < (naive[i] - ref[i]).abs().max().item(), name  # the naive path rounds logits to bf16
+    assert getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None) == before
+
+
+def test_bf16_products_are_used_where_the_cpu_has_them():
+    h = torch.zeros(2, 8, dtype=torch.bfloat16)
+    has_api = hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")
+    assert M._bf16_products(h) == (has_api and torch.backends.mkldnn.is_available() and M._cpu_has_bf16())
+    assert not M._bf16_products(h.float()) and not M._bf16_products(h.half())
+    if has_api:
+        with pytest.raises(RuntimeError), M._fp32_products_in_bf16(True):
+            assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+            raise RuntimeError("inside")
+        assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # restored after an error too
