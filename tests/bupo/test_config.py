@@ -213,3 +213,16 @@ def test_chat_template_that_does_not_compile_names_the_field(template):
     with pytest.raises(ValueError, match=r"data\.chat_template: chat template syntax error at line \d"):
         load_config([f"--data.chat_template={template}"])
     assert load_config(["--data.chat_template={{ messages[-1]['content'] }}"]).data.chat_template
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_one_sample_per_prompt_is_refused_for_group_baselines_naming_rollout_n(estimator):
+    """rollout.n is the group size of group_advantages: grpo and rloo need 2 samples per prompt (their minimum,
+    bupo.loss.MIN_GROUP_SIZE), so n=1 is refused before any model is loaded; reinforce_pp has no group baseline."""
+    from bupo.loss import MIN_GROUP_SIZE
+
+    assert MIN_GROUP_SIZE[estimator] == 2
+    with pytest.raises(ValueError, match=rf"rollout\.n=1 is invalid for algo\.adv_estimator='{estimator}'"):
+        load_config(["--rollout.n=1", f"--algo.adv_estimator={estimator}"])
+    load_config(["--rollout.n=2", f"--algo.adv_estimator={estimator}"])
+    assert load_config(["--rollout.n=1", "--algo.adv_estimator=reinforce_pp"]).rollout.n == 1
