@@ -336,8 +336,9 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
             for s, lp in zip(rollouts, compute_logprobs(run.ref_model, rollouts, **lp_kw)):
                 s.ref_logp = lp
         times["logprob"] = time.perf_counter() - t0
-        # --- update
+        # --- update (the logged lr is the one the step's first optimizer update uses: the scheduler steps after it)
         t0 = time.perf_counter()
+        lr = run.optimizer.param_groups[0]["lr"]
         m = update_policy(model, run.optimizer, rollouts, cfg.algo, info=info, mini_batches=mini_batches,
                           layer=layer, norm=norm, temperature=cfg.rollout.temperature, grad_clip=cfg.optim.grad_clip,
                           trainable=run.trainable if phase == "internal" else None, scheduler=run.scheduler,
@@ -352,8 +353,8 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
         sync_bytes = sync_weights(model, engine, layer)
         times["sync"] = time.perf_counter() - t0
         # --- metrics (sums over ranks, reduced by name; the paper's Fig. 5 diagnostics every diag_every steps)
-        record, tokens = step_record(step, phase, layer, rollouts, results, rewards, zero_var, m,
-                                     run.scheduler.get_last_lr()[0], times, sync_bytes)
+        record, tokens = step_record(step, phase, layer, rollouts, results, rewards, zero_var, m, lr, times,
+                                     sync_bytes)
         if cfg.trainer.diag_every and step % cfg.trainer.diag_every == 0:  # every rank: capture is collective
             first = [s for s, i in zip(rollouts, sample_positions) if i < cfg.trainer.diag_seqs]
             record.update(layer_diagnostics_step(cfg, model, first, run.k, info, tok.vocab_size))

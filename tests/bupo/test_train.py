@@ -207,3 +207,33 @@ def test_consecutive_non_finite_steps_stop_the_run(tiny_model, tmp_path, monkeyp
         run(load_config(train_args(tiny_model, out, 4, **{"optim.max_nonfinite_steps": 2})))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite_skipped"] for r in lines] == [1, 1]  # both steps logged before the stop
+
+
+def _no_reward(responses, ground_truths, **_):
+    from bupo.reward import RewardResult
+
+    return [RewardResult(0.0, "wrong") for _ in responses]
+
+
+@pytest.mark.parametrize("mini_batch, updates", [(2, 1), (1, 2)])
+def test_logged_lr_is_the_lr_of_the_steps_first_update_measured_from_the_weights(tiny_model, tmp_path, monkeypatch,
+                                                                                 mini_batch, updates):
+    """optim.lr=1e-2, 4 warm-up steps: step 1's update uses 1e-2 / 4 = 2.5e-3 (the record used to say 5e-3, the
+    next step's rate). Measured from the weights: every reward is 0, so every gradient is 0 and AdamW's step is
+    its weight decay alone, p <- p (1 - lr wd) per update. With two updates per step (mini-batch of 1 prompt) the
+    warm-up spans 8 updates, and `lr` is the first update's: 1.25e-3 (the second uses 2.5e-3)."""
+    import bupo.train as train_mod
+
+    monkeypatch.setattr(train_mod, "score_batch", _no_reward)
+    out, wd = tmp_path / "lr", 0.5
+    records = run(load_config(train_args(tiny_model, out, 1, **{
+        "optim.lr": 1e-2, "optim.warmup_steps": 4, "optim.weight_decay": wd, "bupo.iterative_steps": 0,
+        "algo.ppo_mini_batch_size": mini_batch, "trainer.save_every": 0})))
+    lrs = [1e-2 * (i + 1) / (4 * updates) for i in range(updates)]  # the rate of each optimizer update of step 1
+    assert records[0]["lr"] == pytest.approx(lrs[0], rel=1e-12)
+    before = load_file(tiny_model / "model.safetensors")["model.embed_tokens.weight"].double()
+    after = load_file(out / "final" / "model.safetensors")["model.embed_tokens.weight"].double()
+    big = before.abs() > 1e-2  # entries whose relative change is well above float32 rounding
+    shrink = (after[big] / before[big]).mean().item()  # prod over updates of (1 - lr_i wd)
+    assert shrink == pytest.approx(math.prod(1 - lr * wd for lr in lrs), abs=2e-6)
+    assert abs(shrink - math.prod(1 - lr * wd for lr in lrs)) < abs(shrink - (1 - 2 * lrs[0] * wd * updates)) / 10
