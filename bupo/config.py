@@ -90,6 +90,8 @@ class AlgoConfig:
     norm_adv_by_std: bool = True  # GRPO: divide by the group std (False: Dr.GRPO)
     adv_eps: float = 1e-6  # added to the group std before dividing by it
     filter_zero_variance: bool = False  # drop groups whose rewards are all equal (their advantage is 0 anyway)
+    # as TRL's mask_truncated_completions and DAPO's overlong filtering; their rewards still count in the baselines
+    mask_truncated: bool = False  # leave responses cut at rollout.max_new_tokens out of the loss and its token count
     clip_low: float = 0.2  # ratio clip [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.2  # upper ratio clip (see clip_low)
     dual_clip: float = 10.0  # dual-clip constant c for negative advantages (0: off)

@@ -250,22 +250,25 @@ def layer_diagnostics_step(cfg: Config, model, rollouts: list[Rollout], k: int, 
 
 def step_record(step: int, phase: str, layer: int | None, rollouts: list[Rollout], results: list,
                 rewards: torch.Tensor, zero_var: torch.Tensor, m: dict, lr: float,
-                times: dict[str, float], sync_bytes: int) -> tuple[dict, float]:
+                times: dict[str, float], sync_bytes: int, mask_truncated: bool = False) -> tuple[dict, float]:
     """The step's metrics.jsonl record so far (statistics summed over ranks, reduced by name) and the number of
-    prompt + response tokens of the step over all ranks."""
+    prompt + response tokens of the step over all ranks. masked_truncated: the truncated responses left out of the
+    loss (algo.mask_truncated; 0 when off)."""
     reasons = Counter(x.reason for x in results)
     stats = parallel.all_reduce_dict({
         "reward": float(rewards.sum()), "correct": sum(x.score == 1.0 for x in results), "samples": len(rollouts),
         "response_tokens": sum(len(s.response_ids) for s in rollouts),
         "prompt_tokens": sum(len(s.prompt_ids) for s in rollouts),
         "truncated": sum(not s.finished for s in rollouts), "zero_var": float(zero_var.sum()),
+        "masked_truncated": sum(not s.finished for s in rollouts) if mask_truncated else 0,
         "groups": len(zero_var), **{f"reason/{x}": reasons[x] for x in REASONS}})
     total = max(stats["samples"], 1.0)
     record = {"step": step, "phase": phase, "internal_layer": layer,
               "reward_mean": stats["reward"] / total, "accuracy": stats["correct"] / total,
               **{key: m[key] for key in ("loss", "entropy", "grad_norm", "clip_frac", "approx_kl")},
               "response_len_mean": stats["response_tokens"] / total, "truncated_frac": stats["truncated"] / total,
-              "zero_var_frac": stats["zero_var"] / max(stats["groups"], 1.0), "lr": lr,
+              "zero_var_frac": stats["zero_var"] / max(stats["groups"], 1.0),
+              "masked_truncated": int(stats["masked_truncated"]), "lr": lr,
               **{f"reward/{x}": stats[f"reason/{x}"] / total for x in REASONS},
               **{key: m[key] for key in ("kl_ref", "logp_mismatch") if key in m},
               "nonfinite_skipped": int(m["nonfinite_skipped"]),
@@ -325,6 +328,7 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
         for i, (s, a) in enumerate(zip(rollouts, adv.tolist())):
             s.advantage = a
             s.active = not (cfg.algo.filter_zero_variance and bool(zero_var[i // n]))
+            s.active = s.active and not (cfg.algo.mask_truncated and not s.finished)  # out of the loss and its count
         # --- old log-probs under the policy being optimized (skipped with one update per step and no KL)
         t0 = time.perf_counter()
         lp_kw = dict(layer=layer, norm=norm, temperature=cfg.rollout.temperature,
@@ -354,7 +358,7 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
         times["sync"] = time.perf_counter() - t0
         # --- metrics (sums over ranks, reduced by name; the paper's Fig. 5 diagnostics every diag_every steps)
         record, tokens = step_record(step, phase, layer, rollouts, results, rewards, zero_var, m, lr, times,
-                                     sync_bytes)
+                                     sync_bytes, cfg.algo.mask_truncated)
         if cfg.trainer.diag_every and step % cfg.trainer.diag_every == 0:  # every rank: capture is collective
             first = [s for s, i in zip(rollouts, sample_positions) if i < cfg.trainer.diag_seqs]
             record.update(layer_diagnostics_step(cfg, model, first, run.k, info, tok.vocab_size))

@@ -237,3 +237,76 @@ def test_logged_lr_is_the_lr_of_the_steps_first_update_measured_from_the_weights
     shrink = (after[big] / before[big]).mean().item()  # prod over updates of (1 - lr_i wd)
     assert shrink == pytest.approx(math.prod(1 - lr * wd for lr in lrs), abs=2e-6)
     assert abs(shrink - math.prod(1 - lr * wd for lr in lrs)) < abs(shrink - (1 - 2 * lrs[0] * wd * updates)) / 10
+
+
+def _alternating_reward(responses, ground_truths, **_):
+    from bupo.reward import RewardResult
+
+    return [RewardResult(float(i % 2 == 0), "correct" if i % 2 == 0 else "wrong") for i in range(len(responses))]
+
+
+def _finish_first_samples(monkeypatch):
+    """The trainer's engine, with sample 0 of every prompt marked finished (the random model never stops on its own
+    within 6 tokens, so every response is truncated otherwise)."""
+    import bupo.train as train_mod
+
+    real = train_mod.make_engine
+
+    class Engine:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def generate(self, prompts, params):
+            out = self.engine.generate(prompts, params)
+            for s in out:
+                s.finished = s.finished or s.sample_index == 0
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+    monkeypatch.setattr(train_mod, "make_engine", lambda *a, **kw: Engine(real(*a, **kw)))
+
+
+def test_mask_truncated_leaves_truncated_responses_out_of_the_loss_and_counts_them(tiny_model, tmp_path,
+                                                                                  monkeypatch):
+    """algo.mask_truncated: the 4 responses of a step all hit max_new_tokens, rewards 1, 0 per group (a non-zero
+    advantage): with the knob on none of them reaches the loss (NaN token means, no optimizer step, the weights
+    bit-identical even with weight decay) and `masked_truncated` counts 4; with it off (the default) the same run
+    trains on them and counts 0."""
+    import bupo.train as train_mod
+
+    monkeypatch.setattr(train_mod, "score_batch", _alternating_reward)
+    kw = {"optim.weight_decay": 0.1, "bupo.iterative_steps": 0, "trainer.save_every": 0}
+    before = load_file(tiny_model / "model.safetensors")
+    on = run(load_config(train_args(tiny_model, tmp_path / "on", 2, **kw, **{"algo.mask_truncated": "true"})))
+    assert [r["truncated_frac"] for r in on] == [1.0, 1.0] and [r["masked_truncated"] for r in on] == [4, 4]
+    assert all(math.isnan(r["loss"]) and math.isnan(r["grad_norm"]) for r in on)
+    after = load_file(tmp_path / "on" / "final" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    off = run(load_config(train_args(tiny_model, tmp_path / "off", 2, **kw)))
+    assert [r["masked_truncated"] for r in off] == [0, 0] and all(math.isfinite(r["loss"]) for r in off)
+    after = load_file(tmp_path / "off" / "final" / "model.safetensors")
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mask_truncated_trains_on_the_finished_responses_only(tiny_model, tmp_path, monkeypatch):
+    """Sample 0 of each prompt finished, sample 1 truncated: with the mask, the update gets the truncated ones as
+    inactive (out of the loss and of the global token count, as the zero-variance filter leaves rollouts out), trains
+    on the finished ones (a finite loss) and logs 2 masked responses."""
+    import bupo.train as train_mod
+
+    monkeypatch.setattr(train_mod, "score_batch", _alternating_reward)
+    _finish_first_samples(monkeypatch)
+    kw = {"bupo.iterative_steps": 0, "trainer.save_every": 0, "algo.ppo_mini_batch_size": 2}
+    seen = []
+    real = train_mod.update_policy
+
+    def spy(model, optimizer, seqs, *args, **kwargs):
+        seen.append([(s.finished, s.active) for s in seqs])
+        return real(model, optimizer, seqs, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "update_policy", spy)
+    rec = run(load_config(train_args(tiny_model, tmp_path / "m", 1, **kw, **{"algo.mask_truncated": "true"})))[0]
+    assert rec["masked_truncated"] == 2 and rec["truncated_frac"] == 0.5 and math.isfinite(rec["loss"])
+    assert seen == [[(True, True), (False, False), (True, True), (False, False)]]  # truncated: inactive
