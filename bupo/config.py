@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bupo.cli import check_out_dir, prog
+from bupo.cli import check_context, check_out_dir, prog
 
 
 @dataclass
@@ -166,12 +166,20 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self, num_layers: int | None = None, world_size: int | None = None,
-                 tokenizer_vocab: int | None = None, model_vocab: int | None = None) -> None:
+                 tokenizer_vocab: int | None = None, model_vocab: int | None = None,
+                 max_positions: int | None = None) -> None:
         """Raise ValueError naming the field and its value for every invalid setting. The arguments enable the
         checks that need them: the internal layer against the model's layer count, the batch sizes and the vLLM
-        tensor-parallel size against the world size, the tokenizer against the model's embedding rows."""
+        tensor-parallel size against the world size, the tokenizer against the model's embedding rows, prompt +
+        response lengths against the model's context (max_positions: max_position_embeddings)."""
         _validate(self)
         _validate_layer(self, num_layers)
+        if max_positions is not None:  # validation samples up to trainer.val_max_new_tokens where that is longer
+            new = ("rollout.max_new_tokens", self.rollout.max_new_tokens)
+            if self.trainer.val_every and self.trainer.val_max_new_tokens > self.rollout.max_new_tokens:
+                new = ("trainer.val_max_new_tokens", self.trainer.val_max_new_tokens)
+            check_context(max_positions, self.data.max_prompt_length, new[1], prompt="data.max_prompt_length",
+                          new=new[0], model=f"model.path={self.model.path!r}")
         if world_size is not None:
             _validate_world(self, world_size)
         if tokenizer_vocab is not None and model_vocab is not None and tokenizer_vocab > model_vocab:

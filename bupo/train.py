@@ -79,7 +79,8 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
     compute_dtype = DTYPES[cfg.model.dtype] if info.device.type == "cuda" else torch.float32
     model = models.build_meta(path)  # config.json only: validated before any weight is read
     cfg.validate(num_layers=model.config.num_hidden_layers, world_size=info.world_size,
-                 tokenizer_vocab=tok.vocab_size, model_vocab=model.config.vocab_size)
+                 tokenizer_vocab=tok.vocab_size, model_vocab=model.config.vocab_size,
+                 max_positions=model.config.max_position_embeddings)
     liger = resolve_liger(cfg.model.liger, info.device)
     if liger:  # before FSDP2 and compile wrap the modules
         log(f"[model] liger-kernel fused ops on: {use_liger(model)}")

@@ -226,3 +226,20 @@ def test_one_sample_per_prompt_is_refused_for_group_baselines_naming_rollout_n(e
         load_config(["--rollout.n=1", f"--algo.adv_estimator={estimator}"])
     load_config(["--rollout.n=2", f"--algo.adv_estimator={estimator}"])
     assert load_config(["--rollout.n=1", "--algo.adv_estimator=reinforce_pp"]).rollout.n == 1
+
+
+def test_prompt_and_response_lengths_are_checked_against_the_models_context():
+    """The issue's example: max_position_embeddings=16 with data.max_prompt_length=16 and rollout.max_new_tokens=16
+    is refused naming both fields and the limit; so are the defaults (1024 + 8192) on SmolLM2's 8192 positions."""
+    c = load_config(["--data.max_prompt_length=16", "--rollout.max_new_tokens=16"])
+    with pytest.raises(ValueError, match=r"data\.max_prompt_length=16 \+ rollout\.max_new_tokens=16 = 32 tokens "
+                                         r"exceed the context of model\.path='smollm2': max_position_embeddings=16"):
+        c.validate(max_positions=16)
+    c.validate(max_positions=32)  # exactly full: prompt + response fit
+    with pytest.raises(ValueError, match=r"1024 \+ rollout\.max_new_tokens=8192 = 9216 .*position_embeddings=8192"):
+        Config().validate(max_positions=8192)
+    Config().validate(max_positions=40960)  # Qwen3-4B
+    c = load_config(["--data.max_prompt_length=8", "--rollout.max_new_tokens=8", "--trainer.val_every=1",
+                     "--trainer.val_max_new_tokens=9"])
+    with pytest.raises(ValueError, match=r"trainer\.val_max_new_tokens=9 = 17 tokens"):
+        c.validate(max_positions=16)

@@ -310,3 +310,19 @@ def test_mask_truncated_trains_on_the_finished_responses_only(tiny_model, tmp_pa
     rec = run(load_config(train_args(tiny_model, tmp_path / "m", 1, **kw, **{"algo.mask_truncated": "true"})))[0]
     assert rec["masked_truncated"] == 2 and rec["truncated_frac"] == 0.5 and math.isfinite(rec["loss"])
     assert seen == [[(True, True), (False, False), (True, True), (False, False)]]  # truncated: inactive
+
+
+def test_a_run_past_the_models_context_is_refused_before_any_work(tmp_path):
+    """max_position_embeddings=16, data.max_prompt_length=16, rollout.max_new_tokens=16: the run used to exit 0
+    after sampling and training positions up to 26; now it ends in one error line naming both fields and the
+    limit, before any output is written."""
+    from tiny_run import tiny_model_folder
+
+    model = tiny_model_folder(tmp_path / "m16", max_position_embeddings=16)
+    out = tmp_path / "ctx"
+    with pytest.raises(SystemExit) as e:
+        main(train_args(model, out, 2, **{"data.max_prompt_length": 16, "rollout.max_new_tokens": 16}))
+    msg = str(e.value)  # SystemExit("error: ..."): exit code 1, the message on stderr
+    assert msg.startswith("error: data.max_prompt_length=16 + rollout.max_new_tokens=16 = 32 tokens exceed")
+    assert "max_position_embeddings=16" in msg and "\n" not in msg
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.json").exists()
