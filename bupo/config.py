@@ -58,7 +58,8 @@ class DataConfig:
     batch_size: int = 128  # prompts per step (global, over all ranks)
     max_prompt_length: int = 1024  # prompt tokens; longer prompts are truncated or dropped
     truncation: str = "left"  # "left": keep the prompt's end; "drop": skip the row
-    enable_thinking: bool = True  # Qwen3 chat template: False appends an empty <think></think> block
+    # a template that opens the think block itself (Qwen3-*-Thinking-2507) gets it closed empty, with a warning
+    enable_thinking: bool = True  # False: the prompt ends with one closed empty <think></think> block (Qwen3 style)
     chat_template: str = ""  # raw Jinja template for base models (empty: the tokenizer's own)
     arithmetic_size: int = 2000  # rows of the built-in arithmetic task when a file is "arithmetic"
     arithmetic_max_operand: int = 20  # operands of the arithmetic task are drawn from [0, this]
