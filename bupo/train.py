@@ -214,7 +214,8 @@ def evaluate(cfg: Config, engine, tok: Tokenizer, val_sets: dict, info: parallel
         mine = prompts[lo:hi]
         rollouts = engine.generate([p.ids for p in mine], params)  # also when empty: TP ranks generate together
         truths = [mine[s.prompt_index].row.ground_truth for s in rollouts]
-        res = score_batch([tok.decode(s.response_ids) for s in rollouts], truths)
+        res = score_batch([tok.decode(s.response_ids) for s in rollouts], truths,
+                          in_think=[mine[s.prompt_index].in_think for s in rollouts])
         tot = parallel.all_reduce_dict({"correct": sum(x.score for x in res), "total": len(res)})
         out[f"val/{name}"] = tot["correct"] / max(tot["total"], 1)
     return out
@@ -318,7 +319,8 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
         # --- reward
         t0 = time.perf_counter()
         results = score_batch([tok.decode(s.response_ids) for s in rollouts],
-                              [mine[s.prompt_index].row.ground_truth for s in rollouts])
+                              [mine[s.prompt_index].row.ground_truth for s in rollouts],
+                              in_think=[mine[s.prompt_index].in_think for s in rollouts])
         rewards = torch.tensor([x.score for x in results], dtype=torch.float32)
         times["reward"] = time.perf_counter() - t0
         # --- advantages (a prompt's n samples live on one rank; the batch-level estimator needs every reward)

@@ -184,7 +184,7 @@ def generate_batch(engine, tok, name: str, group: list, missing: dict, args) -> 
     rollouts = engine.generate([p.ids for p in todo], params)
     jobs = [(todo[s.prompt_index], s) for s in rollouts if s.sample_index in missing[todo[s.prompt_index].row.index]]
     texts = tok.decode_batch([s.response_ids for _, s in jobs])
-    results = score_batch(texts, [p.row.ground_truth for p, _ in jobs])
+    results = score_batch(texts, [p.row.ground_truth for p, _ in jobs], in_think=[p.in_think for p, _ in jobs])
     rows = []
     for (p, s), text, res in zip(jobs, texts, results, strict=True):
         row = {"dataset": name, "problem": p.row.index, "sample": s.sample_index, "prompt_tokens": len(s.prompt_ids),
