@@ -130,6 +130,30 @@ def check_flag(flag: str, value: object, ok: bool, rule: str) -> None:
         raise ValueError(f"{flag}={value}: must be {rule}")
 
 
+def check_context(limit: int, prompt_tokens: int, new_tokens: int, *, prompt: str, new: str, model: str) -> None:
+    """The context check of every entry point that samples or scores, made before any work: prompt_tokens +
+    new_tokens (a prompt and its response, the longest sequence sampled or fed) must fit in the model's
+    `limit` = max_position_embeddings of its config.json (RoPE never saw later positions; vLLM refuses a
+    max_model_len beyond it). ValueError naming both settings (`prompt`, `new`: the flags or fields), their values,
+    the model and its limit."""
+    if prompt_tokens + new_tokens > limit:
+        raise ValueError(f"{prompt}={prompt_tokens} + {new}={new_tokens} = {prompt_tokens + new_tokens} tokens exceed "
+                         f"the context of {model}: max_position_embeddings={limit} (config.json); lower {prompt} or "
+                         f"{new} to a sum <= {limit}")
+
+
+def prompt_budget(given: int | None, default: int, limit: int, new_tokens: int, *, new: str, model: str) -> int:
+    """An eval command's --max-prompt-length: the value given (checked by check_context), or when none is given
+    min(default, limit - new_tokens), the longest prompt that leaves room for new_tokens in the model's context."""
+    if given is None:
+        given = min(default, limit - new_tokens)
+        if given < 1:
+            raise ValueError(f"{new}={new_tokens} leaves no room for a prompt in the context of {model}: "
+                             f"max_position_embeddings={limit} (config.json); lower {new}")
+    check_context(limit, given, new_tokens, prompt="--max-prompt-length", new=new, model=model)
+    return given
+
+
 def run_main(main: Callable[..., T], *args: object) -> T:
     """`main(*args)`; a user error becomes one `error: ...` line (SystemExit), a bug propagates. Warnings print as
     one `warning: ...` line each (with their source file and line under BUPO_TRACEBACK=1)."""

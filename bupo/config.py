@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bupo.cli import check_out_dir, prog
+from bupo.cli import check_context, check_out_dir, prog
 
 
 @dataclass
@@ -58,7 +58,8 @@ class DataConfig:
     batch_size: int = 128  # prompts per step (global, over all ranks)
     max_prompt_length: int = 1024  # prompt tokens; longer prompts are truncated or dropped
     truncation: str = "left"  # "left": keep the prompt's end; "drop": skip the row
-    enable_thinking: bool = True  # Qwen3 chat template: False appends an empty <think></think> block
+    # a template that opens the think block itself (Qwen3-*-Thinking-2507) gets it closed empty, with a warning
+    enable_thinking: bool = True  # False: the prompt ends with one closed empty <think></think> block (Qwen3 style)
     chat_template: str = ""  # raw Jinja template for base models (empty: the tokenizer's own)
     arithmetic_size: int = 2000  # rows of the built-in arithmetic task when a file is "arithmetic"
     arithmetic_max_operand: int = 20  # operands of the arithmetic task are drawn from [0, this]
@@ -90,6 +91,8 @@ class AlgoConfig:
     norm_adv_by_std: bool = True  # GRPO: divide by the group std (False: Dr.GRPO)
     adv_eps: float = 1e-6  # added to the group std before dividing by it
     filter_zero_variance: bool = False  # drop groups whose rewards are all equal (their advantage is 0 anyway)
+    # as TRL's mask_truncated_completions and DAPO's overlong filtering; their rewards still count in the baselines
+    mask_truncated: bool = False  # leave responses cut at rollout.max_new_tokens out of the loss and its token count
     clip_low: float = 0.2  # ratio clip [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.2  # upper ratio clip (see clip_low)
     dual_clip: float = 10.0  # dual-clip constant c for negative advantages (0: off)
@@ -165,12 +168,20 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self, num_layers: int | None = None, world_size: int | None = None,
-                 tokenizer_vocab: int | None = None, model_vocab: int | None = None) -> None:
+                 tokenizer_vocab: int | None = None, model_vocab: int | None = None,
+                 max_positions: int | None = None) -> None:
         """Raise ValueError naming the field and its value for every invalid setting. The arguments enable the
         checks that need them: the internal layer against the model's layer count, the batch sizes and the vLLM
-        tensor-parallel size against the world size, the tokenizer against the model's embedding rows."""
+        tensor-parallel size against the world size, the tokenizer against the model's embedding rows, prompt +
+        response lengths against the model's context (max_positions: max_position_embeddings)."""
         _validate(self)
         _validate_layer(self, num_layers)
+        if max_positions is not None:  # validation samples up to trainer.val_max_new_tokens where that is longer
+            new = ("rollout.max_new_tokens", self.rollout.max_new_tokens)
+            if self.trainer.val_every and self.trainer.val_max_new_tokens > self.rollout.max_new_tokens:
+                new = ("trainer.val_max_new_tokens", self.trainer.val_max_new_tokens)
+            check_context(max_positions, self.data.max_prompt_length, new[1], prompt="data.max_prompt_length",
+                          new=new[0], model=f"model.path={self.model.path!r}")
         if world_size is not None:
             _validate_world(self, world_size)
         if tokenizer_vocab is not None and model_vocab is not None and tokenizer_vocab > model_vocab:

@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from bupo.tokenizer import Tokenizer
+from bupo.tokenizer import Tokenizer, think_open
 
 _DATA_DIR = Path(__file__).parent / "datasets"
 # The BuPO paper's files (MIT), shipped with the package: one train set and four eval sets.
@@ -50,6 +50,7 @@ class Row:
 class Prompt:
     ids: list[int]  # rendered, tokenized (possibly left-truncated) prompt
     row: Row
+    in_think: bool = False  # the rendered prompt ends inside a think block (its response starts in the reasoning)
 
 
 # --- parquet
@@ -253,14 +254,14 @@ def render_prompts(rows: list[Row], tok: Tokenizer, *, max_prompt_length: int, t
     texts = [_render(tok, r, enable_thinking, template) for r in rows]
     all_ids = tok.encode_batch(texts, add_special_tokens=False)
     prompts, truncated, dropped = [], 0, 0
-    for row, ids in zip(rows, all_ids):
+    for row, ids, text in zip(rows, all_ids, texts):
         if len(ids) > max_prompt_length:
             if truncation == "drop":
                 dropped += 1
                 continue
             ids = ids[-max_prompt_length:]
             truncated += 1
-        prompts.append(Prompt(ids, row))
+        prompts.append(Prompt(ids, row, think_open(text, row.prompt)))
     stats = {"total": len(rows), "kept": len(prompts), "truncated": truncated, "dropped": dropped,
              "max_length": max((len(i) for i in all_ids), default=0)}
     return prompts, stats

@@ -44,34 +44,48 @@ def bounded_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
 
 
+# The fewest samples per group each estimator's baseline needs (a std or a leave-one-out mean of one sample is
+# undefined); reinforce_pp whitens over the whole batch and has no group baseline.
+MIN_GROUP_SIZE = {"grpo": 2, "rloo": 2, "reinforce_pp": 1}
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str = "grpo", norm_by_std: bool = True,
                      eps: float = 1e-6) -> torch.Tensor:
-    """Per-sequence advantages [S] from rewards [S] laid out prompt-major (G consecutive samples per prompt).
+    """Per-sequence advantages [S] (fp32) from rewards [S] laid out prompt-major (G consecutive samples per prompt).
 
     grpo:          (r_i - mean_g r) / (std_g r + eps)   (std is the unbiased sample std, as torch.std; Dr.GRPO: no
                    division when norm_by_std=False)
     rloo:          r_i - mean_{j != i} r_j  (leave-one-out baseline)
     reinforce_pp:  (r_i - mean_batch r) / (std_batch r + eps)  (REINFORCE++: global whitening, no group baseline;
                    callers with per-token whitening pass token-weighted rewards)
+
+    A baseline group without reward spread (all rewards bitwise equal: the prompt's G samples for grpo and rloo, the
+    whole batch for reinforce_pp) gets advantage exactly 0.0 for any reward values: the float32 residue of its mean
+    (0.35 * 7 / 7 != 0.35) is not a learning signal, and divided by 0 + eps it would be a large one.
+    ValueError when group_size is below the estimator's minimum (MIN_GROUP_SIZE: 2 for grpo and rloo) or does not
+    divide the number of rewards, and for an unknown estimator.
     """
+    if estimator not in MIN_GROUP_SIZE:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; valid: {', '.join(MIN_GROUP_SIZE)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < MIN_GROUP_SIZE[estimator]:
+        raise ValueError(f"group_size={group_size!r} is invalid for estimator {estimator!r}: it needs an int >= "
+                         f"{MIN_GROUP_SIZE[estimator]} (samples per prompt; the trainer's rollout.n)")
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
                          f"got shape {tuple(rewards.shape)}")
     r = rewards.float()
     if estimator == "reinforce_pp":
-        return (r - r.mean()) / (r.std() + eps) if r.numel() > 1 else torch.zeros_like(r)
+        if r.numel() < 2 or bool((r == r[0]).all()):
+            return torch.zeros_like(r)
+        return (r - r.mean()) / (r.std() + eps)
     g = r.view(-1, group_size)  # [P, G]
     if estimator == "grpo":
         adv = g - g.mean(dim=1, keepdim=True)
         if norm_by_std:
             adv = adv / (g.std(dim=1, keepdim=True) + eps)
-    elif estimator == "rloo":
-        if group_size < 2:
-            raise ValueError("rloo needs group_size >= 2")
+    else:  # rloo
         adv = g * group_size / (group_size - 1) - g.sum(dim=1, keepdim=True) / (group_size - 1)
-    else:
-        raise ValueError(f"unknown advantage estimator {estimator!r}; valid: grpo, rloo, reinforce_pp")
-    return adv.reshape(-1)
+    return adv.masked_fill(zero_variance_groups(r, group_size)[:, None], 0.0).reshape(-1)  # no spread: exactly 0
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,7 +1,16 @@
 """Math reward: the last \\boxed{...} of a response checked against the ground truth, with a hard time limit.
 
+Where the answer is read (`answer_text`). A thinking response is answered after its reasoning: when the response
+holds a `</think>`, its answer is read only after the last one. A think block that never closes -- the response's last
+`<think>` has no `</think>` after it, or (`in_think`) its prompt opened the block, as Qwen3-*-Thinking-2507's
+generation prompt does, and the response never closes it -- means the response was cut off while reasoning: it has
+no answer (score 0, reason "unclosed_think"), whatever it boxed inside the reasoning. So `<think> ... so maybe
+\\boxed{5} ...` cut off by max_new_tokens scores 0 against 5 (a tentative box in unfinished reasoning is not an
+answer). A response without think tags (and not in_think) is read whole, as before. The tags are read in the decoded
+text: a tokenizer that marks `<think>` as a special token must be decoded with its special tokens kept.
+
 score() decides in four steps:
-1. no box (or an empty one) -> no_answer;
+1. a think block that never closes -> unclosed_think; no box after the reasoning (or an empty one) -> no_answer;
 2. answer and ground truth are brought to one canonical form: ordinal suffixes and thousands separators dropped,
    other commas between digits made list commas (rules below);
 3. fast path in-process: equal normalized strings -> correct; two plain numbers -> the number rules below ("025" ==
@@ -73,9 +82,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 
-REASONS = ("correct", "wrong", "no_answer", "parse_error", "timeout")
+REASONS = ("correct", "wrong", "no_answer", "parse_error", "timeout", "unclosed_think")
 # A list ground truth reports the first of these that any of its answers got.
-_MERGE_ORDER = ("correct", "wrong", "timeout", "parse_error", "no_answer")
+_MERGE_ORDER = ("correct", "wrong", "timeout", "parse_error", "no_answer", "unclosed_think")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Time a fresh worker may take to import math-verify and answer a warm-up parse; not part of an answer's limit.
 STARTUP_TIMEOUT_S = 120.0
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -127,6 +137,16 @@ def extract_boxed(text: str) -> str | None:
         return None if inner is None else inner.strip()
     token = re.match(r"\s*([^\s$]*)", rest).group(1).rstrip(".,;")
     return token or None
+
+
+def answer_text(response: str, in_think: bool = False) -> str | None:
+    """The part of `response` its answer is read from (module docstring): after the last `</think>` when it holds
+    one, None when a think block is open at its end (its last `<think>` never closes, or `in_think`: its prompt
+    opened the block and it holds no `</think>`), else the whole response."""
+    close = response.rfind(THINK_CLOSE)
+    if response.rfind(THINK_OPEN) > close or (in_think and close < 0):
+        return None
+    return response if close < 0 else response[close + len(THINK_CLOSE):]
 
 
 # --- ground truths
@@ -588,11 +608,14 @@ def _verify(pred: str, golds: list[str], timeout_s: float) -> str:
 # --- public
 
 
-def _decide(response: str, golds: list[str]) -> tuple[list[str], str | None, list[str]]:
+def _decide(response: str, golds: list[str], in_think: bool = False) -> tuple[list[str], str | None, list[str]]:
     """(reasons decided without math-verify, canonical answer, ground truths left for math-verify)."""
     if not isinstance(response, str):
         raise TypeError(f"response is a {type(response).__name__}; need the generated text (a str)")
-    pred = extract_boxed(response)
+    text = answer_text(response, in_think)
+    if text is None:
+        return ["unclosed_think"], None, []
+    pred = extract_boxed(text)
     if not pred:
         return ["no_answer"], None, []
     pred = _canonical(pred)
@@ -613,34 +636,40 @@ def _result(reasons: list[str]) -> RewardResult:
     return RewardResult(1.0 if reason == "correct" else 0.0, reason)
 
 
-def score(response: str, ground_truth: str | list[str], *, timeout_s: float = 5.0) -> RewardResult:
-    """1.0 when the last boxed answer of `response` equals `ground_truth` (or, for a list, any of its answers)
-    mathematically under the rules of the module docstring, else 0.0, with a reason.
+def score(response: str, ground_truth: str | list[str], *, timeout_s: float = 5.0,
+          in_think: bool = False) -> RewardResult:
+    """1.0 when the last boxed answer of `response` (after its reasoning: `answer_text`) equals `ground_truth` (or,
+    for a list, any of its answers) mathematically under the rules of the module docstring, else 0.0, with a reason.
+    in_think: the response starts inside a think block its prompt opened (bupo.data.Prompt.in_think).
 
     timeout_s bounds the math-verify check of one answer (all of a list's answers together), counted from the
     moment a ready worker receives it (a worker's start-up is not counted). Safe to call from any thread.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s={timeout_s}; must be > 0")
-    reasons, pred, left = _decide(response, _golds(ground_truth))
+    reasons, pred, left = _decide(response, _golds(ground_truth), in_think)
     if left:
         reasons.append(_verify(pred, left, timeout_s))
     return _result(reasons)
 
 
 def score_batch(responses: list[str], ground_truths: list[str | list[str]], *, timeout_s: float = 5.0,
-                workers: int | None = None) -> list[RewardResult]:
+                workers: int | None = None, in_think: list[bool] | None = None) -> list[RewardResult]:
     """score() for each pair with up to `workers` (default DEFAULT_WORKERS) math-verify checks in flight at once;
-    results in input order, the same limit per answer. Every ground truth is checked before any work starts."""
+    results in input order, the same limit per answer. Every ground truth is checked before any work starts.
+    in_think: per response, whether its prompt opened a think block (None: no prompt did)."""
     if len(responses) != len(ground_truths):
         raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    in_think = [False] * len(responses) if in_think is None else list(in_think)
+    if len(in_think) != len(responses):
+        raise ValueError(f"{len(responses)} responses but {len(in_think)} in_think flags")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s={timeout_s}; must be > 0")
     workers = DEFAULT_WORKERS if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers={workers}; must be >= 1")
     golds = [_golds(g, f"ground_truths[{i}]") for i, g in enumerate(ground_truths)]
-    decided = [_decide(r, g) for r, g in zip(responses, golds)]
+    decided = [_decide(r, g, t) for r, g, t in zip(responses, golds, in_think)]
     todo = [i for i, (_, _, left) in enumerate(decided) if left]
     if todo:
         _get_pool(workers)

@@ -7,12 +7,24 @@ tokens passed as variables, `None`-valued message keys dropped), so prompts toke
 
 Files read from an HF folder: tokenizer.json (required), tokenizer_config.json (required: special tokens, and the
 chat template unless a chat_template.jinja file overrides it), generation_config.json (optional: extra EOS ids).
+
+Thinking off (`enable_thinking=False`) gives a prompt whose generation prompt ends with exactly one closed, empty think
+block `<think>\n\n</think>\n\n` (Qwen3's no-thinking prompt), never a doubled or an unbalanced one:
+- a template with an `enable_thinking` switch renders it itself (the real Qwen3 template);
+- a template without one whose generation prompt holds no think block gets the empty block appended;
+- a template whose generation prompt already holds a closed block is left as it is;
+- a template whose generation prompt opens the block itself and cannot turn thinking off (Qwen3-*-Thinking-2507:
+  `<|im_start|>assistant\n<think>\n`) has that open block closed empty, with a warning saying the template cannot
+  turn thinking off (such a model was trained to think; its no-thinking answers may be worse). A generation prompt
+  that opens the block and writes text in it cannot be closed empty: ValueError.
+`think_open` tells whether a rendered prompt leaves a think block open (the response then starts inside it).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +38,7 @@ from bupo.models.hf_io import read_json_object
 
 # Appended after the generation prompt when thinking is switched off but the template has no `enable_thinking`.
 NO_THINK_SUFFIX = "<think>\n\n</think>\n\n"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # End-of-turn / end-of-text tokens of common chat models; those present in the vocabulary stop generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<end_of_turn>")
 # The named special tokens transformers passes to every chat template.
@@ -82,6 +95,40 @@ class _Namespace(jinja2.utils.Namespace):
     def _check(name: Any) -> None:
         if isinstance(name, str) and name.startswith("_"):
             raise jinja2.exceptions.SecurityError(f"chat template namespace attribute {name!r} starts with '_'")
+
+
+def _generation_tail(text: str, messages: list[dict]) -> str:
+    """What a rendered prompt holds after the last message's content (its end of turn and the generation prompt), so
+    a think tag inside a message is never taken for the template's; the whole text when that content is not found."""
+    content = messages[-1].get("content") if messages else None
+    at = text.rfind(content) if isinstance(content, str) and content else -1
+    return text if at < 0 else text[at + len(content):]
+
+
+def think_open(text: str, messages: list[dict]) -> bool:
+    """Whether the rendered prompt `text` of `messages` ends inside a think block its template opened: the last
+    `<think>` after the last message has no `</think>` after it (a response to it starts in the reasoning)."""
+    tail = _generation_tail(text, messages)
+    return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
+
+
+def _thinking_off(text: str, messages: list[dict], has_switch: bool, what: str) -> str:
+    """`text` rendered with enable_thinking=False, with exactly one closed empty think block at its end (module
+    docstring)."""
+    tail = _generation_tail(text, messages)
+    if think_open(text, messages):
+        start = len(text) - len(tail) + tail.rfind(THINK_OPEN)
+        if text[start + len(THINK_OPEN):].strip():
+            raise ValueError(f"{what}: the chat template's generation prompt opens a think block and writes text in "
+                             f"it, so thinking cannot be turned off (enable_thinking=False); turn thinking on or "
+                             f"give another chat template")
+        warnings.warn(f"{what}: the chat template opens a think block in its generation prompt and cannot turn "
+                      "thinking off; enable_thinking=False closes that block empty (<think>\\n\\n</think>\\n\\n), "
+                      "a prompt this model may not have been trained on")
+        return text[:start] + NO_THINK_SUFFIX
+    if has_switch or THINK_CLOSE in tail:  # the template wrote the block itself (or needs none from us)
+        return text
+    return text + NO_THINK_SUFFIX
 
 
 def _raise_exception(message: str) -> None:
@@ -219,8 +266,9 @@ class Tokenizer:
         """Render `messages` to the prompt string.
 
         template: a raw jinja string used instead of the model's own (base models without a chat template).
-        enable_thinking: passed to the template when not None; a template that does not read it gets the empty
-        think block appended after the generation prompt when it is False (Qwen3's no-thinking prompt).
+        enable_thinking: passed to the template when not None; False ends the prompt with exactly one closed empty
+        think block (Qwen3's no-thinking prompt) whatever the template does (module docstring: appended where the
+        template has no switch, an open block closed with a warning where the template cannot turn thinking off).
         """
         source = template if template is not None else self.chat_template
         if source is None:
@@ -236,8 +284,8 @@ class Tokenizer:
         what = "template argument" if template is not None else self.template_origin
         text = self._compile(source, what).render(messages=msgs, tools=None, documents=None,
                                                   add_generation_prompt=add_generation_prompt, **kwargs)
-        if enable_thinking is False and add_generation_prompt and "enable_thinking" not in source:
-            text += NO_THINK_SUFFIX
+        if enable_thinking is False and add_generation_prompt:
+            text = _thinking_off(text, msgs, "enable_thinking" in source, what)
         return text
 
     def save(self, out_dir: str | Path) -> None:

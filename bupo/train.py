@@ -79,7 +79,8 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
     compute_dtype = DTYPES[cfg.model.dtype] if info.device.type == "cuda" else torch.float32
     model = models.build_meta(path)  # config.json only: validated before any weight is read
     cfg.validate(num_layers=model.config.num_hidden_layers, world_size=info.world_size,
-                 tokenizer_vocab=tok.vocab_size, model_vocab=model.config.vocab_size)
+                 tokenizer_vocab=tok.vocab_size, model_vocab=model.config.vocab_size,
+                 max_positions=model.config.max_position_embeddings)
     liger = resolve_liger(cfg.model.liger, info.device)
     if liger:  # before FSDP2 and compile wrap the modules
         log(f"[model] liger-kernel fused ops on: {use_liger(model)}")
@@ -214,7 +215,8 @@ def evaluate(cfg: Config, engine, tok: Tokenizer, val_sets: dict, info: parallel
         mine = prompts[lo:hi]
         rollouts = engine.generate([p.ids for p in mine], params)  # also when empty: TP ranks generate together
         truths = [mine[s.prompt_index].row.ground_truth for s in rollouts]
-        res = score_batch([tok.decode(s.response_ids) for s in rollouts], truths)
+        res = score_batch([tok.decode(s.response_ids) for s in rollouts], truths,
+                          in_think=[mine[s.prompt_index].in_think for s in rollouts])
         tot = parallel.all_reduce_dict({"correct": sum(x.score for x in res), "total": len(res)})
         out[f"val/{name}"] = tot["correct"] / max(tot["total"], 1)
     return out
@@ -251,22 +253,25 @@ def layer_diagnostics_step(cfg: Config, model, rollouts: list[Rollout], k: int, 
 
 def step_record(step: int, phase: str, layer: int | None, rollouts: list[Rollout], results: list,
                 rewards: torch.Tensor, zero_var: torch.Tensor, m: dict, lr: float,
-                times: dict[str, float], sync_bytes: int) -> tuple[dict, float]:
+                times: dict[str, float], sync_bytes: int, mask_truncated: bool = False) -> tuple[dict, float]:
     """The step's metrics.jsonl record so far (statistics summed over ranks, reduced by name) and the number of
-    prompt + response tokens of the step over all ranks."""
+    prompt + response tokens of the step over all ranks. masked_truncated: the truncated responses left out of the
+    loss (algo.mask_truncated; 0 when off)."""
     reasons = Counter(x.reason for x in results)
     stats = parallel.all_reduce_dict({
         "reward": float(rewards.sum()), "correct": sum(x.score == 1.0 for x in results), "samples": len(rollouts),
         "response_tokens": sum(len(s.response_ids) for s in rollouts),
         "prompt_tokens": sum(len(s.prompt_ids) for s in rollouts),
         "truncated": sum(not s.finished for s in rollouts), "zero_var": float(zero_var.sum()),
+        "masked_truncated": sum(not s.finished for s in rollouts) if mask_truncated else 0,
         "groups": len(zero_var), **{f"reason/{x}": reasons[x] for x in REASONS}})
     total = max(stats["samples"], 1.0)
     record = {"step": step, "phase": phase, "internal_layer": layer,
               "reward_mean": stats["reward"] / total, "accuracy": stats["correct"] / total,
               **{key: m[key] for key in ("loss", "entropy", "grad_norm", "clip_frac", "approx_kl")},
               "response_len_mean": stats["response_tokens"] / total, "truncated_frac": stats["truncated"] / total,
-              "zero_var_frac": stats["zero_var"] / max(stats["groups"], 1.0), "lr": lr,
+              "zero_var_frac": stats["zero_var"] / max(stats["groups"], 1.0),
+              "masked_truncated": int(stats["masked_truncated"]), "lr": lr,
               **{f"reward/{x}": stats[f"reason/{x}"] / total for x in REASONS},
               **{key: m[key] for key in ("kl_ref", "logp_mismatch") if key in m},
               "nonfinite_skipped": int(m["nonfinite_skipped"]),
@@ -315,7 +320,8 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
         # --- reward
         t0 = time.perf_counter()
         results = score_batch([tok.decode(s.response_ids) for s in rollouts],
-                              [mine[s.prompt_index].row.ground_truth for s in rollouts])
+                              [mine[s.prompt_index].row.ground_truth for s in rollouts],
+                              in_think=[mine[s.prompt_index].in_think for s in rollouts])
         rewards = torch.tensor([x.score for x in results], dtype=torch.float32)
         times["reward"] = time.perf_counter() - t0
         # --- advantages (a prompt's n samples live on one rank; the batch-level estimator needs every reward)
@@ -326,6 +332,7 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
         for i, (s, a) in enumerate(zip(rollouts, adv.tolist())):
             s.advantage = a
             s.active = not (cfg.algo.filter_zero_variance and bool(zero_var[i // n]))
+            s.active = s.active and not (cfg.algo.mask_truncated and not s.finished)  # out of the loss and its count
         # --- old log-probs under the policy being optimized (skipped with one update per step and no KL)
         t0 = time.perf_counter()
         lp_kw = dict(layer=layer, norm=norm, temperature=cfg.rollout.temperature,
@@ -337,8 +344,9 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
             for s, lp in zip(rollouts, compute_logprobs(run.ref_model, rollouts, **lp_kw)):
                 s.ref_logp = lp
         times["logprob"] = time.perf_counter() - t0
-        # --- update
+        # --- update (the logged lr is the one the step's first optimizer update uses: the scheduler steps after it)
         t0 = time.perf_counter()
+        lr = run.optimizer.param_groups[0]["lr"]
         m = update_policy(model, run.optimizer, rollouts, cfg.algo, info=info, mini_batches=mini_batches,
                           layer=layer, norm=norm, temperature=cfg.rollout.temperature, grad_clip=cfg.optim.grad_clip,
                           trainable=run.trainable if phase == "internal" else None, scheduler=run.scheduler,
@@ -353,8 +361,8 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
         sync_bytes = sync_weights(model, engine, layer)
         times["sync"] = time.perf_counter() - t0
         # --- metrics (sums over ranks, reduced by name; the paper's Fig. 5 diagnostics every diag_every steps)
-        record, tokens = step_record(step, phase, layer, rollouts, results, rewards, zero_var, m,
-                                     run.scheduler.get_last_lr()[0], times, sync_bytes)
+        record, tokens = step_record(step, phase, layer, rollouts, results, rewards, zero_var, m, lr, times,
+                                     sync_bytes, cfg.algo.mask_truncated)
         if cfg.trainer.diag_every and step % cfg.trainer.diag_every == 0:  # every rank: capture is collective
             first = [s for s, i in zip(rollouts, sample_positions) if i < cfg.trainer.diag_seqs]
             record.update(layer_diagnostics_step(cfg, model, first, run.k, info, tok.vocab_size))

@@ -16,6 +16,12 @@ def resolve_model(name: str) -> Path:
     return models.resolve_model_path(name, flag="--model")
 
 
+def context_length(path: Path) -> int:
+    """max_position_embeddings of the model folder's config.json (read on the meta device: no weight is loaded), for
+    the context check every sampling or scoring command makes before any work (bupo.cli.check_context)."""
+    return models.build_meta(path).config.max_position_embeddings
+
+
 def pick_device(name: str) -> str:
     """--device: 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' of a device that exists."""
     if name == "auto":

@@ -22,8 +22,8 @@ import random
 import time
 from pathlib import Path
 
-from bupo import cli
-from bupo.evals import load_model, pick_device  # noqa: F401 (pick_device: re-exported)
+from bupo import cli, models
+from bupo.evals import load_model, pick_device, resolve_model  # noqa: F401 (pick_device: re-exported)
 from bupo.metrics import plot_text
 from bupo.rollout.interface import Rollout
 
@@ -44,8 +44,9 @@ def _ids(row: dict, field: str, where: str, vocab_size: int) -> list[int]:
     return ids
 
 
-def read_samples(path: str | Path, vocab_size: int) -> list[Rollout]:
-    """Rollouts (prompt_ids, response_ids) from a jsonl file; ValueError naming the line and field of a bad row."""
+def read_samples(path: str | Path, vocab_size: int, max_positions: int | None = None) -> list[Rollout]:
+    """Rollouts (prompt_ids, response_ids) from a jsonl file; ValueError naming the line and field of a bad row, and
+    the line of a row longer than the model's context (max_positions: max_position_embeddings)."""
     out = []
     with open(path, encoding="utf-8", errors="replace") as f:  # a non-UTF-8 line fails as "not valid JSON"
         for i, line in enumerate(f, 1):
@@ -62,6 +63,9 @@ def read_samples(path: str | Path, vocab_size: int) -> list[Rollout]:
             if not prompt:
                 raise ValueError(f"{where}: field 'prompt_ids' is empty")
             out.append(Rollout(prompt, _ids(row, "response_ids", where, vocab_size)))
+            if max_positions is not None and len(out[-1]) > max_positions:
+                raise ValueError(f"{where}: prompt_ids + response_ids = {len(out[-1])} tokens exceed the model's "
+                                 f"context, max_position_embeddings={max_positions} (config.json)")
     if not out:
         raise ValueError(f"{path}: no samples")
     return out
@@ -172,7 +176,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="softmax over the tokenizer's ids only, as the trained policy (default: every embedding row)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts keep their last tokens")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="longer prompts keep their last tokens; default: 1024, or less where the model's context "
+                        "(max_position_embeddings) minus --max-new-tokens is less. Prompt + response must fit in "
+                        "the context (checked before any work, also for every --samples row)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -183,7 +190,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
     for name in ("num_prompts", "max_new_tokens", "max_prompt_length", "max_batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     if args.samples is not None and not Path(args.samples).is_file():  # checked before the model is loaded
         what = "not a file" if Path(args.samples).exists() else "no such file"
@@ -200,13 +207,20 @@ def main(argv: list[str] | None = None) -> dict:
     from bupo.tokenizer import Tokenizer
 
     args = parse_args(argv)
+    path = resolve_model(args.model)
+    meta = models.build_meta(path).config  # config.json only: the context is checked before any work
+    samples = None
+    if args.samples:
+        samples = read_samples(args.samples, meta.vocab_size, max_positions=meta.max_position_embeddings)
+    else:
+        args.max_prompt_length = cli.prompt_budget(args.max_prompt_length, 1024, meta.max_position_embeddings,
+                                                   args.max_new_tokens, new="--max-new-tokens",
+                                                   model=f"--model {args.model}")
     path, model = load_model(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_pretrained(path) if args.tokenizer_vocab or not args.samples else None
-    if args.samples:
-        samples = read_samples(args.samples, model.config.vocab_size)
-    else:
+    if samples is None:
         samples = generate_samples(model, tok, args)
         write_samples(out / "samples.jsonl", samples)
         print(f"[entropy_flow] wrote {out / 'samples.jsonl'}", flush=True)

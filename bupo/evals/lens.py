@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bupo import cli
-from bupo.evals import load_model
+from bupo.evals import context_length, load_model, resolve_model
 from bupo.metrics import plot_text
 
 VIEWS = {"off": ("raw",), "on": ("norm",), "both": ("raw", "norm")}
@@ -322,14 +322,17 @@ def main(argv: list[str] | None = None) -> dict:
     from bupo.tokenizer import Tokenizer
 
     args = parse_args(argv)
-    path, model = load_model(args)
+    path = resolve_model(args.model)
     tok = Tokenizer.from_pretrained(path)
+    ids = prompt_ids(tok, args)  # the context check, before any weight is read: prompt + sampled response
+    cli.check_context(context_length(path), len(ids), args.max_new_tokens, prompt="tokens of --prompt",
+                      new="--max-new-tokens", model=f"--model {args.model}")
+    path, model = load_model(args)
     L = model.config.num_hidden_layers
     layers = parse_layers(args.layers, L)
     V = min(tok.vocab_size, model.config.vocab_size)
     if args.top > V:
         raise ValueError(f"--top={args.top}: the vocabulary has {V} tokens")
-    ids = prompt_ids(tok, args)
     n_prompt = len(ids)
     if args.max_new_tokens:
         ids = ids + sample_response(model, tok, ids, args)

@@ -185,7 +185,7 @@ def generate_batch(engine, tok, name: str, group: list, missing: dict, args) -> 
     rollouts = engine.generate([p.ids for p in todo], params)
     jobs = [(todo[s.prompt_index], s) for s in rollouts if s.sample_index in missing[todo[s.prompt_index].row.index]]
     texts = tok.decode_batch([s.response_ids for _, s in jobs])
-    results = score_batch(texts, [p.row.ground_truth for p, _ in jobs])
+    results = score_batch(texts, [p.row.ground_truth for p, _ in jobs], in_think=[p.in_think for p, _ in jobs])
     rows = []
     for (p, s), text, res in zip(jobs, texts, results, strict=True):
         row = {"dataset": name, "problem": p.row.index, "sample": s.sample_index, "prompt_tokens": len(s.prompt_ids),
@@ -283,7 +283,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--max-new-tokens", type=int, default=8192)
-    p.add_argument("--max-prompt-length", type=int, default=2048, help="longer prompts are left out (warned)")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="longer prompts are left out (warned); default: 2048, or less where the model's context "
+                        "(max_position_embeddings) minus --max-new-tokens is less. Prompt + response must fit in "
+                        "the context (checked before any work)")
     p.add_argument("--engine", choices=("builtin", "vllm", "auto"), default="auto")
     p.add_argument("--max-prompts", type=int, default=0, help="first N problems of each dataset (0: all)")
     p.add_argument("--arithmetic-size", type=int, default=64, help="problems of the built-in 'arithmetic' set")
@@ -299,7 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batches", type=int, default=0, help="debug: stop after this many new batches")
     args = p.parse_args(argv)
     for name in ("n", "max_new_tokens", "max_prompt_length", "batch_size", "max_batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     cli.check_flag("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")
     cli.check_flag("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
@@ -313,11 +316,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     ks = parse_ks(args.k, args.n)
     from bupo.cli import check_out_dir
-    from bupo.evals import resolve_model
+    from bupo.evals import context_length, resolve_model
     from bupo.reward import shutdown
     from bupo.tokenizer import Tokenizer
 
     path = resolve_model(args.model)
+    args.max_prompt_length = cli.prompt_budget(args.max_prompt_length, 2048, context_length(path), args.max_new_tokens,
+                                               new="--max-new-tokens", model=f"--model {args.model}")
     check_out_dir(args.out, "--out")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ changes the matrix shapes of the forward, hence its float rounding in the last b
 that rounding of a CDF boundary picks the neighbouring token. Equal samples across batch compositions are therefore
 typical, not guaranteed; what is guaranteed is equal uniforms and, for equal logits, equal tokens.
 
-Legend: B sequences in a batch, U distinct prompts in it, P longest prompt, N max_new_tokens, H hidden, V vocab.
+Legend: B sequences in a batch, U distinct prompts in it, P longest prompt, N max_new_tokens, H hidden, V vocab,
+C the model's context (max_position_embeddings): a prompt of P tokens needs P + N <= C, else a ValueError.
 """
 
 from collections.abc import Iterable
@@ -131,6 +132,7 @@ class BuiltinEngine:
 
     def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
         V, L = self.model.config.vocab_size, self.model.config.num_hidden_layers
+        C = self.model.config.max_position_embeddings
         if params.layer is not None and not (isinstance(params.layer, int) and 0 <= params.layer < L):
             raise ValueError(f"SamplingParams.layer must be None or in [0, {L - 1}], got {params.layer!r}")
         for i, ids in enumerate(prompts):
@@ -138,6 +140,11 @@ class BuiltinEngine:
                 raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
             if min(ids) < 0 or max(ids) >= V:
                 raise ValueError(f"prompt {i} has token ids outside [0, {V}) (vocab_size of the model)")
+        i = max(range(len(prompts)), key=lambda j: len(prompts[j]), default=None)  # the longest prompt
+        if i is not None and len(prompts[i]) + params.max_new_tokens > C:  # entry points check first; last defence
+            raise ValueError(f"prompt {i} has {len(prompts[i])} tokens: with SamplingParams.max_new_tokens="
+                             f"{params.max_new_tokens} its sequence would exceed the model's context, "
+                             f"max_position_embeddings={C}")
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, H] (the last position only) -> fp32 logits [B, V] through the first V = vocab_size rows of the

@@ -213,3 +213,33 @@ def test_chat_template_that_does_not_compile_names_the_field(template):
     with pytest.raises(ValueError, match=r"data\.chat_template: chat template syntax error at line \d"):
         load_config([f"--data.chat_template={template}"])
     assert load_config(["--data.chat_template={{ messages[-1]['content'] }}"]).data.chat_template
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_one_sample_per_prompt_is_refused_for_group_baselines_naming_rollout_n(estimator):
+    """rollout.n is the group size of group_advantages: grpo and rloo need 2 samples per prompt (their minimum,
+    bupo.loss.MIN_GROUP_SIZE), so n=1 is refused before any model is loaded; reinforce_pp has no group baseline."""
+    from bupo.loss import MIN_GROUP_SIZE
+
+    assert MIN_GROUP_SIZE[estimator] == 2
+    with pytest.raises(ValueError, match=rf"rollout\.n=1 is invalid for algo\.adv_estimator='{estimator}'"):
+        load_config(["--rollout.n=1", f"--algo.adv_estimator={estimator}"])
+    load_config(["--rollout.n=2", f"--algo.adv_estimator={estimator}"])
+    assert load_config(["--rollout.n=1", "--algo.adv_estimator=reinforce_pp"]).rollout.n == 1
+
+
+def test_prompt_and_response_lengths_are_checked_against_the_models_context():
+    """The issue's example: max_position_embeddings=16 with data.max_prompt_length=16 and rollout.max_new_tokens=16
+    is refused naming both fields and the limit; so are the defaults (1024 + 8192) on SmolLM2's 8192 positions."""
+    c = load_config(["--data.max_prompt_length=16", "--rollout.max_new_tokens=16"])
+    with pytest.raises(ValueError, match=r"data\.max_prompt_length=16 \+ rollout\.max_new_tokens=16 = 32 tokens "
+                                         r"exceed the context of model\.path='smollm2': max_position_embeddings=16"):
+        c.validate(max_positions=16)
+    c.validate(max_positions=32)  # exactly full: prompt + response fit
+    with pytest.raises(ValueError, match=r"1024 \+ rollout\.max_new_tokens=8192 = 9216 .*position_embeddings=8192"):
+        Config().validate(max_positions=8192)
+    Config().validate(max_positions=40960)  # Qwen3-4B
+    c = load_config(["--data.max_prompt_length=8", "--rollout.max_new_tokens=8", "--trainer.val_every=1",
+                     "--trainer.val_max_new_tokens=9"])
+    with pytest.raises(ValueError, match=r"trainer\.val_max_new_tokens=9 = 17 tokens"):
+        c.validate(max_positions=16)

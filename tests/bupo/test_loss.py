@@ -132,3 +132,37 @@ def test_bounded_ratio():
     assert r[4].item() == pytest.approx(math.exp(LOG_RATIO_BOUND), rel=1e-6)
     r.sum().backward()
     assert x.grad[0] == 0 and x.grad[4] == 0 and x.grad[5] == 0 and x.grad[2] == 1
+
+
+@pytest.mark.parametrize("estimator, norm", [("grpo", True), ("grpo", False), ("rloo", True), ("reinforce_pp", True)])
+@pytest.mark.parametrize("value", [0.35, 0.1, 1 / 3, -2.7, 1e-3])
+def test_a_group_without_reward_spread_has_exactly_zero_advantage(estimator, norm, value):
+    """Seven equal rewards of 0.35: the float32 mean is not exactly 0.35, and the residue divided by 0 + eps used
+    to give |A| = 0.029 (GRPO); every estimator now gives exact zeros, also beside a group that has spread."""
+    flat = torch.full((7,), value)
+    assert group_advantages(flat, 7, estimator=estimator, norm_by_std=norm).tolist() == [0.0] * 7
+    if estimator != "reinforce_pp":  # one flat group next to one with spread: the flat one is still exactly 0
+        mixed = torch.cat([flat, torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.25])])
+        adv = group_advantages(mixed, 7, estimator=estimator, norm_by_std=norm)
+        assert adv[:7].tolist() == [0.0] * 7 and bool((adv[7:] != 0).all())
+
+
+def test_the_float32_residue_of_seven_rewards_of_0_35_is_real():
+    """The example of the issue: the residue that the exact-zero rule removes exists (guards the test above)."""
+    g = torch.full((1, 7), 0.35)
+    assert float((g - g.mean(dim=1, keepdim=True)).abs().max()) > 0
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_size_below_the_estimators_minimum_is_an_error_naming_it(estimator):
+    with pytest.raises(ValueError, match=rf"group_size=1 is invalid for estimator '{estimator}'.*>= 2"):
+        group_advantages(torch.tensor([1.0, 0.0, 1.0]), 1, estimator=estimator)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="group_size"):
+            group_advantages(torch.tensor([1.0, 0.0]), bad, estimator=estimator)
+
+
+def test_reinforce_pp_accepts_one_sample_per_prompt():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    adv = group_advantages(r, 1, estimator="reinforce_pp", eps=0.0)
+    assert torch.allclose(adv, (r - 0.5) / r.std()) and bool(torch.isfinite(adv).all())

@@ -393,3 +393,34 @@ def test_list_ground_truth_from_parquet_is_rewarded(tmp_path):
     assert [r.ground_truth for r in rows] == [["5", "6"], "7"]
     got = score_batch([r"\boxed{6}", r"\boxed{7}"], [r.ground_truth for r in rows])
     assert [r.reason for r in got] == ["correct", "correct"]
+
+
+# --- thinking responses: the answer is read after the reasoning
+
+
+@pytest.mark.parametrize("response, in_think, want", [
+    # the example: a tentative box inside reasoning cut off by max_new_tokens is no answer
+    ("<think>\nLet me see... so maybe \\boxed{5} but wait, I should check", False, (0.0, "unclosed_think")),
+    ("<think>so maybe \\boxed{4}</think>\n\nThe answer is \\boxed{5}.", False, (1.0, "correct")),
+    ("<think>so maybe \\boxed{5}</think>\n\nThe answer is \\boxed{4}.", False, (0.0, "wrong")),
+    ("<think>it is \\boxed{5}</think>\n\nI am done.", False, (0.0, "no_answer")),  # only boxed while reasoning
+    ("<think>a</think>\\boxed{5}<think>on second thought", False, (0.0, "unclosed_think")),  # reasoning again, cut
+    ("The answer is \\boxed{5}.", False, (1.0, "correct")),  # no think tags: read whole, as before
+    # the prompt opened the block (Qwen3-*-Thinking-2507): the response starts inside the reasoning
+    ("so maybe \\boxed{5} but", True, (0.0, "unclosed_think")),
+    ("so maybe \\boxed{4}\n</think>\n\n\\boxed{5}", True, (1.0, "correct")),
+])
+def test_the_answer_of_a_thinking_response_is_read_after_its_reasoning(response, in_think, want):
+    got = score(response, "5", in_think=in_think)
+    assert (got.score, got.reason) == want
+    got = score_batch([response], ["5"], in_think=[in_think])[0]
+    assert (got.score, got.reason) == want
+
+
+def test_unclosed_think_is_a_reason_the_trainer_counts():
+    from bupo.reward import REASONS, answer_text
+
+    assert "unclosed_think" in REASONS  # bupo.train logs reward/<reason> for each of REASONS
+    assert answer_text("<think>x \\boxed{5}") is None and answer_text("\\boxed{5}") == "\\boxed{5}"
+    with pytest.raises(ValueError, match="2 responses but 1 in_think"):
+        score_batch(["a", "b"], ["1", "2"], in_think=[True])

@@ -275,3 +275,14 @@ def test_sampling_is_masked_to_the_real_vocabulary(model, prompts):
     for bad in (0, model.config.vocab_size + 1):
         with pytest.raises(ValueError, match="vocab_size"):
             BuiltinEngine(loud, vocab_size=bad)
+
+
+def test_builtin_engine_refuses_to_generate_past_the_models_context(model):
+    """The last line of defence behind the entry points' checks: prompt + max_new_tokens beyond
+    max_position_embeddings (256 here) is a ValueError naming the prompt, the budget and the limit."""
+    C = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"prompt 1 has 200 tokens: with SamplingParams.max_new_tokens=57 .*"
+                                         rf"max_position_embeddings={C}"):
+        BuiltinEngine(model).generate([[1] * 10, [1] * 200], SamplingParams(max_new_tokens=57))
+    out = BuiltinEngine(model).generate([[1] * 200], SamplingParams(max_new_tokens=56))  # exactly full
+    assert len(out[0]) <= C

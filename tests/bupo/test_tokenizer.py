@@ -10,7 +10,7 @@ import jinja2
 import pytest
 
 from bupo.data import DATASETS, load_rows
-from bupo.tokenizer import NO_THINK_SUFFIX, Tokenizer
+from bupo.tokenizer import NO_THINK_SUFFIX, Tokenizer, think_open
 
 transformers = pytest.importorskip("transformers")
 
@@ -222,3 +222,60 @@ def test_a_named_chat_template_that_is_not_a_string_names_the_file(tmp_path):
     d = make_folder(tmp_path, {"chat_template": [{"name": "default", "template": 5}]})
     with pytest.raises(ValueError, match=r"tokenizer_config.json: chat_template 'default' is a int, not a template"):
         Tokenizer.from_pretrained(d)
+
+
+# --- thinking off: one closed empty think block, never a doubled or unbalanced one
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{GEN}{% endif %}")
+THINKING_2507 = CHATML.replace("{GEN}", "<think>\n")  # Qwen3-*-Thinking-2507: the generation prompt opens the block
+MSGS = [{"role": "user", "content": "1+1?"}]
+
+
+def _tok(tmp_path, template: str) -> Tokenizer:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return Tokenizer.from_pretrained(make_folder(tmp_path, {"chat_template": template}))
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    return text.count("<think>"), text.count("</think>")
+
+
+def test_thinking_off_with_a_template_that_opens_the_think_block_itself(tmp_path):
+    """The issue's example: the prompt used to end <think>\\n<think>\\n\\n</think>\\n\\n (two openings, one close).
+    Now the template's open block is closed empty, with a warning that the template cannot turn thinking off."""
+    tok = _tok(tmp_path, THINKING_2507)
+    with pytest.warns(UserWarning, match="cannot turn thinking off"):
+        off = tok.apply_chat_template(MSGS, enable_thinking=False)
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and _blocks(off) == (1, 1)
+    assert "<think>\n<think>" not in off and not think_open(off, MSGS)
+    for on in (None, True):  # thinking on: the template's own prompt, the response starts inside the block
+        text = tok.apply_chat_template(MSGS, enable_thinking=on)
+        assert text.endswith("<|im_start|>assistant\n<think>\n") and think_open(text, MSGS)
+
+
+def test_thinking_off_never_doubles_a_closed_block_or_closes_written_reasoning(tmp_path):
+    closed = _tok(tmp_path / "a", CHATML.replace("{GEN}", "<think>\n\n</think>\n\n"))  # closes it itself
+    text = closed.apply_chat_template(MSGS, enable_thinking=False)
+    assert text.endswith("assistant\n<think>\n\n</think>\n\n") and _blocks(text) == (1, 1)
+    plain = _tok(tmp_path / "b", CHATML.replace("{GEN}", ""))  # no block, no switch: the empty block is appended
+    text = plain.apply_chat_template([{"role": "user", "content": "what does <think> mean?"}], enable_thinking=False)
+    assert text.endswith("assistant\n" + NO_THINK_SUFFIX) and _blocks(text) == (2, 1)  # one <think> is the user's
+    assert not think_open(plain.apply_chat_template([{"role": "user", "content": "a <think> tag"}]),
+                          [{"role": "user", "content": "a <think> tag"}])  # a tag in a message is not the template's
+    prefilled = _tok(tmp_path / "c", CHATML.replace("{GEN}", "<think>\nFirst, "))
+    with pytest.raises(ValueError, match="thinking cannot be turned off"):
+        prefilled.apply_chat_template(MSGS, enable_thinking=False)
+
+
+def test_rendered_prompts_record_whether_the_response_starts_inside_a_think_block(tmp_path):
+    from bupo.data import Row, render_prompts
+
+    tok = _tok(tmp_path, THINKING_2507)
+    rows = [Row(MSGS, "2", "t")]
+    on, _ = render_prompts(rows, tok, max_prompt_length=64, enable_thinking=True)
+    with pytest.warns(UserWarning, match="cannot turn thinking off"):
+        off, _ = render_prompts(rows, tok, max_prompt_length=64, enable_thinking=False)
+    assert on[0].in_think and not off[0].in_think
+    plain, _ = render_prompts(rows, _tok(tmp_path / "p", CHATML.replace("{GEN}", "")), max_prompt_length=64)
+    assert not plain[0].in_think

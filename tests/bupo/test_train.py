@@ -208,3 +208,122 @@ def test_consecutive_non_finite_steps_stop_the_run(tiny_model, tmp_path, monkeyp
         run(load_config(train_args(tiny_model, out, 4, **{"optim.max_nonfinite_steps": 2})))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite_skipped"] for r in lines] == [1, 1]  # both steps logged before the stop
+
+
+def _no_reward(responses, ground_truths, **_):
+    from bupo.reward import RewardResult
+
+    return [RewardResult(0.0, "wrong") for _ in responses]
+
+
+@pytest.mark.parametrize("mini_batch, updates", [(2, 1), (1, 2)])
+def test_logged_lr_is_the_lr_of_the_steps_first_update_measured_from_the_weights(tiny_model, tmp_path, monkeypatch,
+                                                                                 mini_batch, updates):
+    """optim.lr=1e-2, 4 warm-up steps: step 1's update uses 1e-2 / 4 = 2.5e-3 (the record used to say 5e-3, the
+    next step's rate). Measured from the weights: every reward is 0, so every gradient is 0 and AdamW's step is
+    its weight decay alone, p <- p (1 - lr wd) per update. With two updates per step (mini-batch of 1 prompt) the
+    warm-up spans 8 updates, and `lr` is the first update's: 1.25e-3 (the second uses 2.5e-3)."""
+    import bupo.train as train_mod
+
+    monkeypatch.setattr(train_mod, "score_batch", _no_reward)
+    out, wd = tmp_path / "lr", 0.5
+    records = run(load_config(train_args(tiny_model, out, 1, **{
+        "optim.lr": 1e-2, "optim.warmup_steps": 4, "optim.weight_decay": wd, "bupo.iterative_steps": 0,
+        "algo.ppo_mini_batch_size": mini_batch, "trainer.save_every": 0})))
+    lrs = [1e-2 * (i + 1) / (4 * updates) for i in range(updates)]  # the rate of each optimizer update of step 1
+    assert records[0]["lr"] == pytest.approx(lrs[0], rel=1e-12)
+    before = load_file(tiny_model / "model.safetensors")["model.embed_tokens.weight"].double()
+    after = load_file(out / "final" / "model.safetensors")["model.embed_tokens.weight"].double()
+    big = before.abs() > 1e-2  # entries whose relative change is well above float32 rounding
+    shrink = (after[big] / before[big]).mean().item()  # prod over updates of (1 - lr_i wd)
+    assert shrink == pytest.approx(math.prod(1 - lr * wd for lr in lrs), abs=2e-6)
+    assert abs(shrink - math.prod(1 - lr * wd for lr in lrs)) < abs(shrink - (1 - 2 * lrs[0] * wd * updates)) / 10
+
+
+def _alternating_reward(responses, ground_truths, **_):
+    from bupo.reward import RewardResult
+
+    return [RewardResult(float(i % 2 == 0), "correct" if i % 2 == 0 else "wrong") for i in range(len(responses))]
+
+
+def _finish_first_samples(monkeypatch):
+    """The trainer's engine, with sample 0 of every prompt marked finished (the random model never stops on its own
+    within 6 tokens, so every response is truncated otherwise)."""
+    import bupo.train as train_mod
+
+    real = train_mod.make_engine
+
+    class Engine:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def generate(self, prompts, params):
+            out = self.engine.generate(prompts, params)
+            for s in out:
+                s.finished = s.finished or s.sample_index == 0
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+    monkeypatch.setattr(train_mod, "make_engine", lambda *a, **kw: Engine(real(*a, **kw)))
+
+
+def test_mask_truncated_leaves_truncated_responses_out_of_the_loss_and_counts_them(tiny_model, tmp_path,
+                                                                                  monkeypatch):
+    """algo.mask_truncated: the 4 responses of a step all hit max_new_tokens, rewards 1, 0 per group (a non-zero
+    advantage): with the knob on none of them reaches the loss (NaN token means, no optimizer step, the weights
+    bit-identical even with weight decay) and `masked_truncated` counts 4; with it off (the default) the same run
+    trains on them and counts 0."""
+    import bupo.train as train_mod
+
+    monkeypatch.setattr(train_mod, "score_batch", _alternating_reward)
+    kw = {"optim.weight_decay": 0.1, "bupo.iterative_steps": 0, "trainer.save_every": 0}
+    before = load_file(tiny_model / "model.safetensors")
+    on = run(load_config(train_args(tiny_model, tmp_path / "on", 2, **kw, **{"algo.mask_truncated": "true"})))
+    assert [r["truncated_frac"] for r in on] == [1.0, 1.0] and [r["masked_truncated"] for r in on] == [4, 4]
+    assert all(math.isnan(r["loss"]) and math.isnan(r["grad_norm"]) for r in on)
+    after = load_file(tmp_path / "on" / "final" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    off = run(load_config(train_args(tiny_model, tmp_path / "off", 2, **kw)))
+    assert [r["masked_truncated"] for r in off] == [0, 0] and all(math.isfinite(r["loss"]) for r in off)
+    after = load_file(tmp_path / "off" / "final" / "model.safetensors")
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mask_truncated_trains_on_the_finished_responses_only(tiny_model, tmp_path, monkeypatch):
+    """Sample 0 of each prompt finished, sample 1 truncated: with the mask, the update gets the truncated ones as
+    inactive (out of the loss and of the global token count, as the zero-variance filter leaves rollouts out), trains
+    on the finished ones (a finite loss) and logs 2 masked responses."""
+    import bupo.train as train_mod
+
+    monkeypatch.setattr(train_mod, "score_batch", _alternating_reward)
+    _finish_first_samples(monkeypatch)
+    kw = {"bupo.iterative_steps": 0, "trainer.save_every": 0, "algo.ppo_mini_batch_size": 2}
+    seen = []
+    real = train_mod.update_policy
+
+    def spy(model, optimizer, seqs, *args, **kwargs):
+        seen.append([(s.finished, s.active) for s in seqs])
+        return real(model, optimizer, seqs, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "update_policy", spy)
+    rec = run(load_config(train_args(tiny_model, tmp_path / "m", 1, **kw, **{"algo.mask_truncated": "true"})))[0]
+    assert rec["masked_truncated"] == 2 and rec["truncated_frac"] == 0.5 and math.isfinite(rec["loss"])
+    assert seen == [[(True, True), (False, False), (True, True), (False, False)]]  # truncated: inactive
+
+
+def test_a_run_past_the_models_context_is_refused_before_any_work(tmp_path):
+    """max_position_embeddings=16, data.max_prompt_length=16, rollout.max_new_tokens=16: the run used to exit 0
+    after sampling and training positions up to 26; now it ends in one error line naming both fields and the
+    limit, before any output is written."""
+    from tiny_run import tiny_model_folder
+
+    model = tiny_model_folder(tmp_path / "m16", max_position_embeddings=16)
+    out = tmp_path / "ctx"
+    with pytest.raises(SystemExit) as e:
+        main(train_args(model, out, 2, **{"data.max_prompt_length": 16, "rollout.max_new_tokens": 16}))
+    msg = str(e.value)  # SystemExit("error: ..."): exit code 1, the message on stderr
+    assert msg.startswith("error: data.max_prompt_length=16 + rollout.max_new_tokens=16 = 32 tokens exceed")
+    assert "max_position_embeddings=16" in msg and "\n" not in msg
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.json").exists()

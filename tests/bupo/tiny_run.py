@@ -8,7 +8,7 @@ from bupo import models
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True}
+              "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": True}
 TIMING = {"time_rollout", "time_reward", "time_logprob", "time_update", "time_sync", "time_step", "tokens_per_s",
           "peak_mem_gb"}
 
