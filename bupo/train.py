@@ -94,7 +94,8 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
                          seed=cfg.trainer.seed + info.rank // cfg.rollout.tensor_parallel_size,
                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                          tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-                         max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens, liger=liger)
+                         max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens, liger=liger,
+                         cpu_kvcache_gib=cfg.rollout.cpu_kvcache_gib)
     k = cfg.bupo.internal_layer
     if k == "auto":
         k = choose_internal_layer(cfg, model, engine, tok, train_prompts, log)
