@@ -382,6 +382,7 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
 def finish(cfg: Config, run: Run) -> list[dict]:
     """After the last step: final/ (trainer.export), the curves (trainer.plot) and the table of the steps; returns
     the metrics records (on rank 0)."""
+    getattr(run.engine, "close", lambda: None)()  # vLLM leaves its process groups before parallel.destroy ends ours
     run.logger.close()
     if cfg.trainer.export:
         checkpoint.export_final(run.model, run.tok, run.out, run.info)

@@ -131,7 +131,8 @@ class VLLMEngine:
     to ids < vocab_size when the checkpoint's embedding has more rows. bucket_bytes: the size of one load_weights
     call during a sync. cpu_kvcache_gib: the KV cache in GiB on vLLM's CPU backend (ignored on GPUs, where
     gpu_memory_utilization sizes it). enforce_eager: None = eager on CPU (torch.compile start-up costs more than it
-    saves on the small CPU runs), CUDA graphs on GPUs.
+    saves on the small CPU runs), CUDA graphs on GPUs. max_model_len is capped at the model's
+    max_position_embeddings (vLLM refuses more; a longer sequence is then vLLM's error at generate).
     ImportError when vllm is missing; ValueError when vLLM has no platform here or for bad arguments.
     """
 
@@ -151,6 +152,8 @@ class VLLMEngine:
             raise ValueError(f"the model has {model_vocab} embedding rows but the tokenizer only {vocab_size} tokens: "
                              f"masking {len(padded)} ids exceeds vLLM's limit of {MAX_MASKED_IDS} logit_bias entries")
         self.logit_bias = {i: float("-inf") for i in padded} or None
+        # vLLM refuses a max_model_len above the model's max_position_embeddings: the model's limit is the cap
+        max_model_len = min(max_model_len, int(cfg.get("max_position_embeddings", max_model_len)))
         self.tp = tensor_parallel_size
         self.bucket_bytes = bucket_bytes
         self.dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
@@ -284,6 +287,16 @@ class VLLMEngine:
         finally:
             # LLM.reset_prefix_cache(): cached prefix blocks hold KV of the old weights
             self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut the engine down now (the engine cannot be used afterwards). The trainer calls it before it leaves its
+        process group: vLLM's own shutdown at interpreter exit would destroy its groups after ours are gone and
+        print a ValueError traceback."""
+        # LLMEngine.engine_core: the in-process client; shutdown() runs EngineCore.shutdown once (it detaches the
+        # finalizer), which tears down vLLM's distributed state (cleanup_dist_env_and_memory)
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
     def _load_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         for bucket in buckets:

