@@ -295,8 +295,11 @@ class VLLMEngine:
         # LLMEngine.engine_core: the in-process client; shutdown() runs EngineCore.shutdown once (it detaches the
         # finalizer), which tears down vLLM's distributed state (cleanup_dist_env_and_memory)
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        shm = _cpu_shm_segments() if self.tp > 1 else []
         if core is not None:
             core.shutdown()
+        for path in shm:  # see _cpu_shm_segments
+            path.unlink(missing_ok=True)
 
     def _load_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         for bucket in buckets:
@@ -324,6 +327,24 @@ class VLLMEngine:
             finally:
                 self.llm.apply_model(lambda model: finalize(model, vllm_config.model_config))
                 self.llm.apply_model(_refresh_tied_head)
+
+
+def _cpu_shm_segments() -> list[Path]:
+    """This rank's shared-memory files of vLLM's CPU tensor-parallel communicator, for close() to remove.
+
+    vLLM's CPU backend (vllm/distributed/device_communicators/cpu_communicator.py, _CPUSHMDistributed) has each rank
+    of a TP group create /dev/shm/<group_name>_<rank in group>, and removes it only in a C++ destructor at normal
+    interpreter exit. A torchrun worker of ours ends with os._exit (bupo.parallel.exit_process), and under the
+    external launcher the name is the same for every run, so the leftover file makes the next TP run on this machine
+    fail ('create shm in SHMManager failed. errno: 17'). Empty where vLLM has no such communicator."""
+    try:
+        from vllm.distributed.parallel_state import get_tp_group
+    except ImportError:
+        return []
+    group = get_tp_group()
+    name = getattr(getattr(group.device_communicator, "dist_module", None), "group_name", None)
+    # shm_open("/<name>") is the file /dev/shm/<name>; the name may start with slashes (env:// -> "//")
+    return [Path("/dev/shm") / f"{name}_{group.rank_in_group}".lstrip("/")] if name else []
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ importable (`pytest -m vllm` in the CI's .venv-vllm runs them)."""
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,13 +38,20 @@ CONFIGS = {
 }
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_worker(tmp_path: Path, name: str, nproc: int = 1, tp: int = 1) -> list[dict]:
     model_dir = tmp_path / name
     models.save_pretrained(models.build_model(CONFIGS[name], seed=0), model_dir)
     out = tmp_path / f"{name}.json"
     worker = [str(ROOT / "tests/bupo/vllm_worker.py"), str(model_dir), str(out), "--tp", str(tp)]
     cmd = [sys.executable, *worker] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0", *worker]
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+         *worker]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(PYTHONPATH=str(ROOT), VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1" if nproc > 1 else "2")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -67,6 +75,20 @@ def test_sampler_logprobs_equal_the_trainers_across_syncs(tmp_path, name):
     (res,) = run_worker(tmp_path, name)
     print(name, res)
     check(res)
+
+
+@pytest.mark.parametrize("name, tp", [("llama_untied", 1), ("qwen3_tied", 2)])
+def test_two_gloo_ranks(tmp_path, name, tp):
+    """2 ranks: an engine each (tp=1, torch.distributed initialized before vLLM), or one engine over both (tp=2)."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("*cpushm*")) if shm.is_dir() else set()
+    results = run_worker(tmp_path, name, nproc=2, tp=tp)
+    for res in results:
+        check(res)
+    if tp == 2:  # one engine: both ranks see the same samples
+        assert results[0] == results[1]
+    if shm.is_dir():  # the TP communicator's shared memory is gone although the workers end with os._exit
+        assert set(shm.glob("*cpushm*")) <= before
 
 
 def train(model_dir: Path, out: Path, steps: int) -> list[dict]:
