@@ -32,8 +32,8 @@ Contract with the trainer (bupo/train.py):
   vLLM's "processed" ones (after temperature and the mask), i.e. of the distribution the token was drawn from.
 - Every sample is its own n=1 request seeded with `SamplingParams.sample_seed(prompt index, sample index)`, as in
   the built-in engine, so a sample does not depend on the batch it lands in (vLLM shares the prompt's KV between
-  its samples through the prefix cache). vLLM's tokenizer is never loaded (token-id prompts, detokenize=False): a
-  response stops at SamplingParams.stop_token_ids only, as in the built-in engine.
+  its samples through the prefix cache). vLLM's tokenizer is never loaded (token-id prompts, detokenize=False) and
+  ignore_eos is set: a response stops at SamplingParams.stop_token_ids only, as in the built-in engine.
 """
 
 from __future__ import annotations
@@ -223,12 +223,14 @@ class VLLMEngine:
                     # SamplingParams: seed = this request's own generator; logprobs=0 = the sampled token's
                     # log-prob only; detokenize=False (we decode with our tokenizer); top_k -1 = off in every
                     # supported version; logit_bias = {token id: added to its logit} before temperature and
-                    # sampling (the constructor does not clamp it, only SamplingParams.from_optional does)
+                    # sampling (the constructor does not clamp it, only SamplingParams.from_optional does);
+                    # ignore_eos: vLLM would add generation_config.json's eos_token_id to the stop ids
+                    # (SamplingParams.update_from_generation_config); ours are the only ones, as in the built-in engine
                     sps.append(VSamplingParams(
                         n=1, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
                         seed=member_params.sample_seed(p, s), logprobs=0, stop_token_ids=list(params.stop_token_ids),
-                        logit_bias=self.logit_bias, detokenize=False))
+                        logit_bias=self.logit_bias, detokenize=False, ignore_eos=True))
         return requests, sps
 
     def _tp_gather(self, prompts: list[list[int]],

@@ -210,6 +210,7 @@ def test_request_sampling_params(fake_vllm, tmp_path):
         assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_tokens) == (1, 0.6, 0.9, 20, 33)
         assert sp.seed == sequence_seed(5, k // 2, k % 2) and sp.logprobs == 0 and sp.stop_token_ids == [7, 8]
         assert sp.logit_bias == {i: float("-inf") for i in range(100, 128)} and sp.detokenize is False
+        assert sp.ignore_eos is True  # our stop ids only, not also generation_config.json's eos
     _, sps = eng._requests([([[1]], SamplingParams(top_k=0))], SamplingParams(top_k=0))
     assert sps[0].top_k == -1  # 'no top-k' spelled the way every supported vLLM accepts
     # a TP group: members' prompts back to back, each member's own seed and seed indices
