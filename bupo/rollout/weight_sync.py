@@ -2,8 +2,8 @@
 
     sent_bytes = sync_weights(model, engine, k)   # after each update; k=None sends everything
 
-Pure planning (`plan_buckets`, `chunk_by_bytes`, `sync_names`) runs anywhere; `iter_full_tensors` is a collective
-under FSDP2 (every rank walks the same parameter order and gathers the same tensors).
+Pure planning (`plan_buckets`, `chunk_by_bytes`, `sync_names`, `module_owners`, `whole_modules`) runs anywhere;
+`iter_full_tensors` is a collective under FSDP2 (every rank walks the same parameter order and gathers the same ones).
 
 Sizes: a bucket holds at most `max_bucket_bytes` of full tensors (one bigger tensor gets a bucket of its own), so the
 peak extra memory of a sync is one bucket, whatever the model size. Phase one of BuPO sends only layers 0..k and the
@@ -13,6 +13,12 @@ Names: we send HF checkpoint names (our module names mirror them), which is what
 built-in engine's modules have the same names, and vLLM's Llama/Qwen2/Qwen3 `load_weights` renames itself (q/k/v_proj
 into the fused `qkv_proj`, gate/up_proj into `gate_up_proj`). A tied head is one Parameter, sent once as
 `model.embed_tokens.weight` and never as `lm_head.weight` (`sync_names`).
+
+Whole modules: an engine that fuses tensors (vLLM's qkv_proj, gate_up_proj) and processes a module once all of its
+tensors arrived must get all of them in one sync, or it runs on a half-written module. `module_owners` maps each HF
+name to the engine module that owns it and `whole_modules` passes a stream on module by module, refusing (ValueError
+naming the missing tensor) a module that the stream leaves incomplete. Phase one sends whole decoder layers, so it
+always passes.
 """
 
 from __future__ import annotations
@@ -72,6 +78,57 @@ def chunk_by_bytes(named_tensors: Iterable[tuple[str, torch.Tensor]],
         used += size
     if bucket:
         yield bucket
+
+
+def module_owners(engine_names: Iterable[str],
+                  fused: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, frozenset[str]]]:
+    """Which engine module owns each HF tensor name, and the HF names each module needs.
+
+    engine_names: the engine model's parameter names (vLLM's: `model.layers.0.self_attn.qkv_proj.weight`, with a
+    tied head listed once). fused: engine module name -> the HF modules fused into it (vLLM's
+    `packed_modules_mapping`, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}). Returns (owner: HF name -> engine
+    module path, members: engine module path -> its HF names). An engine module with a weight and a bias needs both,
+    of every fused part.
+    """
+    owner: dict[str, str] = {}
+    members: dict[str, set[str]] = {}
+    for name in engine_names:
+        module, _, leaf = name.rpartition(".")
+        parent, _, child = module.rpartition(".")
+        for part in fused.get(child, [child]):
+            hf = f"{parent}.{part}.{leaf}" if parent else f"{part}.{leaf}"
+            owner[hf] = module
+            members.setdefault(module, set()).add(hf)
+    return owner, {m: frozenset(names) for m, names in members.items()}
+
+
+def whole_modules(named_tensors: Iterable[tuple[str, torch.Tensor]], owner: dict[str, str],
+                  members: dict[str, frozenset[str]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass a stream of (HF name, tensor) on, each engine module's tensors together once all of them arrived.
+
+    Holds back at most the tensors of the modules still incomplete (q and k until v comes). ValueError for a name the
+    engine does not have, for a tensor sent twice in one stream, and at the end of the stream for a module that got
+    only part of its tensors (naming the first missing one); the held-back tensors of such a module are never yielded,
+    so the engine keeps that module's old weights whole.
+    """
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in named_tensors:
+        if name not in owner:
+            raise ValueError(f"update_weights: the engine's model has no tensor {name!r} (tied heads are sent as "
+                             "model.embed_tokens.weight only)")
+        module = owner[name]
+        got = pending.setdefault(module, {})
+        if name in got:
+            raise ValueError(f"update_weights: tensor {name!r} was sent twice in one sync")
+        got[name] = t
+        if len(got) == len(members[module]):
+            yield from pending.pop(module).items()
+    if pending:
+        module, got = next(iter(pending.items()))
+        missing = sorted(members[module] - got.keys())
+        raise ValueError(f"update_weights: partial module sync refused: {missing[0]!r} is missing, and the engine "
+                         f"loads {module} only whole (with {sorted(got)}); send all of "
+                         f"{sorted(members[module])} or none")
 
 
 def sync_names(model: nn.Module, k: int | None) -> list[str]:

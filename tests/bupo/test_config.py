@@ -73,12 +73,17 @@ def test_vllm_tensor_parallel_size_divides_the_world_size():
     (["--rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization"),
     (["--rollout.gpu_memory_utilization=0"], "rollout.gpu_memory_utilization"),
     (["--rollout.tensor_parallel_size=0"], "rollout.tensor_parallel_size"),
-    (["--rollout.engine=vllm", "--trainer.device=cpu"], "rollout.engine"),
+    (["--rollout.cpu_kvcache_gib=0"], "rollout.cpu_kvcache_gib"),
     (["--algo.tis_cap=-1"], "algo.tis_cap"),
 ])
 def test_engine_and_loss_settings_are_checked_in_the_config(args, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         load_config(args)
+
+
+def test_vllm_on_cpu_is_a_valid_config():
+    c = load_config(["--rollout.engine=vllm", "--trainer.device=cpu", "--rollout.cpu_kvcache_gib=2"])
+    assert c.rollout.engine == "vllm" and c.rollout.cpu_kvcache_gib == 2
 
 
 def test_renamed_tis_cap_reads_with_a_warning_naming_the_new_key(tmp_path):

