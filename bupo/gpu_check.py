@@ -251,9 +251,12 @@ def part_gpu_tests(part: Part, args: argparse.Namespace) -> int:
     junit = part.out / "gpu_tests.junit.xml"
     junit.unlink(missing_ok=True)
     rec = part.run([PY, "-m", "pytest", "-m", "gpu and not vllm", "-q", "-ra", "-p", "no:cacheprovider",
-                    "--continue-on-collection-errors", f"--junitxml={junit}", "tests"])  # quick too: all collected
+                    "--continue-on-collection-errors", f"--junitxml={junit}", "tests"], commands_left=2)
     counts = junit_counts(junit) if junit.is_file() else {}
     part.data["facts"] = counts
+    vllm_problem = vllm_tests(part)
+    if vllm_problem:
+        return part.finish("failed", vllm_problem)
     if counts.get("failed_tests"):
         return part.finish("failed", f"{counts.get('failure', 0)} failed, {counts.get('error', 0)} errors: "
                                      f"{', '.join(counts['failed_tests'][:5])}")
@@ -264,6 +267,28 @@ def part_gpu_tests(part: Part, args: argparse.Namespace) -> int:
     why = "no CUDA device: " if not has_cuda else ""
     return part.finish("skipped", f"{why}{counts.get('skipped', 0)} selected tests skipped themselves "
                                   f"({'; '.join(counts.get('skip_reasons', {})) or 'none selected'})")
+
+
+def vllm_tests(part: Part) -> str:
+    """The real-vLLM rollouts and weight-sync / log-prob check (pytest -m vllm -k sampler_logprobs: vLLM's sampling
+    log-probs against the trainer's before and after full and phase-one syncs, tied and untied) where vllm imports;
+    else a note saying they did not run. Returns a failure reason, or '' when they passed or could not run."""
+    if importlib.util.find_spec("vllm") is None:
+        part.data["notes"].append("vllm is not importable here: the vLLM rollouts and the sync/log-prob checks "
+                                  "(pytest -m vllm) did not run")
+        return ""
+    junit = part.out / "vllm_tests.junit.xml"
+    junit.unlink(missing_ok=True)
+    rec = part.run([PY, "-m", "pytest", "-m", "vllm", "-k", "sampler_logprobs", "-q", "-ra", "-p", "no:cacheprovider",
+                    f"--junitxml={junit}", "tests/bupo"])
+    counts = junit_counts(junit) if junit.is_file() else {}
+    part.data["facts"]["vllm_tests"] = counts
+    if counts.get("failed_tests"):
+        return f"vllm tests: {', '.join(counts['failed_tests'][:5])}"
+    if rec["timed_out"] or rec["rc"] not in (0, 5):
+        return f"vllm tests: {failed_run(rec)}"
+    part.data["notes"].append(f"vllm tests: {counts.get('passed', 0)} passed, {counts.get('skipped', 0)} skipped")
+    return ""
 
 
 # --- part 3: kernel microbenchmarks -------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ usage() {
     cat <<'EOF'
 Usage: bash launch/gpu_check.sh [--quick] [--wheels DIR | --no-install] [--plan] OUT_DIR
 
-Checks this repository on one GPU in at most 7 minutes, downloading nothing, and writes OUT_DIR/report.json and
-OUT_DIR/report.md (status, duration and log tail of every part; every figure with the command that produced it):
+Checks this repository on one GPU in at most 7 minutes (8.5 with vllm), downloading nothing, and writes
+OUT_DIR/report.json and OUT_DIR/report.md (status, duration and log tail of every part; every figure with the
+command that produced it):
   1. env           GPU, driver, torch, triton and package versions (first installs the wheels of DIR, see below)
-  2. gpu_tests     pytest -m "gpu and not vllm"
+  2. gpu_tests     pytest -m "gpu and not vllm"; where vllm imports, also its rollouts and weight-sync log-prob
+                   check against the trainer (pytest -m vllm -k sampler_logprobs; 90 s more), else a note says so
   3. kernel_bench  python -m bupo.kernels.bench at the Qwen3-4B / Qwen3-8B heads (H 2560 / 4096, V 151936, bf16,
                    N 8192 and 16384), fwd and fwd+bwd: naive (materializing) torch vs our Triton kernel vs
                    liger-kernel's fused linear cross-entropy (skipped when not installed)
@@ -76,6 +78,11 @@ if [ "$QUICK" -eq 1 ]; then
 else
     MODE=full
     PARTS=(env:25 gpu_tests:60 kernel_bench:130 bench_step:65 e2e:95 report:15)
+    # with vllm importable, gpu_tests also runs the real-vLLM sync/log-prob check (two vLLM starts): 90 s more
+    if "${PYTHON:-python3}" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)" \
+        2>/dev/null; then
+        PARTS[1]=gpu_tests:150
+    fi
 fi
 QUICK_FLAG=()
 [ "$QUICK" -eq 1 ] && QUICK_FLAG=(--quick)
@@ -106,7 +113,7 @@ fi
 mkdir -p "$OUT" || exit 2
 OUT="$(cd "$OUT" && pwd)"
 rm -rf "$OUT/parts" "$OUT/logs" "$OUT/e2e" "$OUT/report.json" "$OUT/report.md" "$OUT/kernel_bench.csv" \
-    "$OUT/gpu_tests.junit.xml"
+    "$OUT/gpu_tests.junit.xml" "$OUT/vllm_tests.junit.xml"
 mkdir -p "$OUT/parts" "$OUT/logs"
 # scratch, removed at exit: the installed wheels (site/) and the e2e part's model, checkpoints and export (GBs)
 SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/bupo_gpu_check.XXXXXX")"

@@ -2,6 +2,7 @@
 mode on this machine (CPU: the gpu tests skip themselves, the rest passes at tiny shapes)."""
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -98,6 +99,11 @@ def test_quick_check_runs_every_part(tmp_path):
     assert report["environment"]["torch"] and report["environment"]["pkg:pytest"] != "not installed"
     if not report["environment"]["cuda_available"]:
         assert parts["gpu_tests"]["status"] == "skipped" and "no CUDA" in parts["gpu_tests"]["reason"]
+    gpu_tests = json.loads((out / "parts" / "gpu_tests.json").read_text())
+    if importlib.util.find_spec("vllm") is None:  # said, not silently left out
+        assert any("vllm is not importable" in note for note in gpu_tests["notes"]), gpu_tests["notes"]
+    else:
+        assert gpu_tests["facts"]["vllm_tests"].get("passed"), gpu_tests["facts"]
     rows = parts["kernel_bench"]["runs"][0]["result"]["results"]
     assert {(r["provider"], r["mode"]) for r in rows if r["status"] == "ok"} >= {("naive", "fwd"), ("naive", "fwdbwd")}
     assert parts["bench_step"]["runs"][0]["result"]["phase_one_s"] > 0
