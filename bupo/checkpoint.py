@@ -309,31 +309,55 @@ def resume_refusal(out: Path, resolved: dict) -> str | None:
     """Why a run with `resolved` settings must not start in `out`, or None. A rerun into a folder holding an earlier
     run's outputs resumes it or is refused, never overwrites them: with a checkpoint it must be the same experiment
     (every setting outside [trainer], which may extend or re-time a run, matches the saved config.json); without
-    one it cannot resume, so it would start over on top of them."""
+    one it cannot resume, so it would start over on top of them. The exception: a start of the same experiment that
+    recorded no step (stopped or crashed during step 1: config.json and an empty metrics.jsonl, no final/) is
+    started again."""
     earlier = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if latest(out) is None:
-        if not earlier:
+        if not earlier or (_recorded_no_step(out, earlier) and _same_settings(out, resolved)):
             return None
         return (f"trainer.out_dir={str(out)!r} holds an earlier run's outputs ({', '.join(earlier)}) and no "
                 "checkpoint to resume from; a new run there would overwrite them. Use another trainer.out_dir, or "
                 "delete those to start over")
     try:
-        saved = json.loads((out / "config.json").read_text())
-        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
-            raise ValueError("not an object of [section] objects")
+        diffs = _setting_diffs(out, resolved)
     except (OSError, ValueError) as e:  # missing, unreadable, or not JSON
         return (f"trainer.out_dir={str(out)!r} holds checkpoints but no readable config.json to check this run's "
                 f"settings against ({type(e).__name__}: {e}). Restore it, or use another trainer.out_dir")
+    if diffs:
+        return (f"trainer.out_dir={str(out)!r} holds a checkpointed run with other settings "
+                f"({'; '.join(diffs)}); a rerun there resumes it. Use another trainer.out_dir or delete it")
+    return None
+
+
+def _recorded_no_step(out: Path, earlier: list[str]) -> bool:
+    """out holds only what a run writes before its first step ends: config.json, no metrics record, no export."""
+    if not set(earlier) <= {"config.json", "metrics.jsonl", "tensorboard", "wandb"} or "config.json" not in earlier:
+        return False
+    metrics = out / "metrics.jsonl"
+    return not metrics.exists() or not metrics.read_text().strip()
+
+
+def _same_settings(out: Path, resolved: dict) -> bool:
+    try:
+        return not _setting_diffs(out, resolved)
+    except (OSError, ValueError):  # an unreadable config.json is no evidence of the same experiment
+        return False
+
+
+def _setting_diffs(out: Path, resolved: dict) -> list[str]:
+    """The settings outside [trainer] in which `resolved` differs from out/config.json, as 'sec.key: old -> new'.
+    OSError or ValueError when config.json is missing, unreadable or not an object of [section] objects."""
+    saved = json.loads((out / "config.json").read_text())
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+        raise ValueError("not an object of [section] objects")
     saved = saved_settings(saved)
     diffs = [f"{sec}.{key}: {saved[sec][key]!r} -> {value!r}"
              for sec, fields in resolved.items() if sec != "trainer"
              for key, value in fields.items() if saved.get(sec, {}).get(key, value) != value]
     diffs += [f"{sec}.{key}: {saved[sec][key]!r} -> (unset)" for sec in saved if sec != "trainer"
               for key in saved[sec] if key not in resolved.get(sec, {})]
-    if diffs:
-        return (f"trainer.out_dir={str(out)!r} holds a checkpointed run with other settings "
-                f"({'; '.join(diffs)}); a rerun there resumes it. Use another trainer.out_dir or delete it")
-    return None
+    return diffs
 
 
 def check_resume_config(out: Path, resolved: dict, info: DistInfo) -> None:

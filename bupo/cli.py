@@ -172,7 +172,10 @@ def run_main(main: Callable[..., T], *args: object) -> T:
 
 
 def check_out_dir(path: str | os.PathLike, flag: str) -> None:
-    """An output folder given as `flag` is a folder or can be made one: no file in the way, writable."""
+    """An output folder given as `flag` is a folder or can be made one: not empty (an empty path would be the
+    current folder), no file in the way, writable."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty; give a folder path (use . for the current folder)")
     want = Path(path)
     existing = next((p for p in (want, *want.parents) if p.exists()), Path("."))
     if not existing.is_dir():

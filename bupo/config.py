@@ -6,6 +6,8 @@ scripts run it (DESIGN.md section 1). What depends on the machine or is the run'
 devices, engines, memory and speed switches, logging, checkpoint and validation periods) defaults to something that
 runs anywhere and is set by the run files in launch/configs/. In particular model.path defaults to the packaged
 SmolLM2-135M-Instruct: the recipe's Qwen3-4B is a local folder, which launch/configs/bupo_qwen3_4b.toml names.
+The recipe's lengths (1024 prompt + 8192 response tokens) do not fit SmolLM2's 8192 positions, so a run with every
+default is refused by the context check; launch/configs/cpu_demo.toml sets lengths that fit.
 `python -m bupo.train --help` lists every field with its type, its default and the comment next to it in this file
 (read from the source).
 
@@ -39,7 +41,8 @@ from bupo.cli import check_context, check_out_dir, prog
 class ModelConfig:
     """The policy model and how it is computed."""
 
-    # the default runs anywhere; the recipe's model is a local folder (Qwen3-4B: launch/configs/bupo_qwen3_4b.toml)
+    # the default loads anywhere (its context takes the demo's lengths, not the recipe's 1024 + 8192); the recipe's
+    # model is a local folder (Qwen3-4B: launch/configs/bupo_qwen3_4b.toml)
     path: str = "smollm2"  # HF folder (config.json + safetensors), or "smollm2": the packaged SmolLM2-135M-Instruct
     dtype: str = "bfloat16"  # compute dtype on CUDA (master weights stay fp32); CPU always computes in float32
     activation_checkpointing: bool = False  # keep only each decoder layer's input, recompute it in backward

@@ -95,7 +95,7 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
                          seed=cfg.trainer.seed + info.rank // cfg.rollout.tensor_parallel_size,
                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                          tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-                         max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens, liger=liger,
+                         max_model_len=cfg.data.max_prompt_length + max_new_tokens(cfg), liger=liger,
                          cpu_kvcache_gib=cfg.rollout.cpu_kvcache_gib)
     k = cfg.bupo.internal_layer
     if k == "auto":
@@ -125,8 +125,10 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
                logger=logger, start=start, log=log)
 
 
-def load_prompts(cfg: Config, tok: Tokenizer, names: list[str], *, seed: int, log) -> dict[str, list]:
-    """Rendered prompts per dataset name ('arithmetic' is the built-in task, generated from `seed`)."""
+def load_prompts(cfg: Config, tok: Tokenizer, names: list[str], *, seed: int, log,
+                 field: str = "data.train_files") -> dict[str, list]:
+    """Rendered prompts per dataset name ('arithmetic' is the built-in task, generated from `seed`); `field` names
+    the setting in errors."""
     out = {}
     for name in names:
         if name == "arithmetic":
@@ -134,7 +136,7 @@ def load_prompts(cfg: Config, tok: Tokenizer, names: list[str], *, seed: int, lo
                                    ops=cfg.data.arithmetic_ops, demos=cfg.data.arithmetic_demos)
             stats = {"rows_total": len(rows)}
         else:
-            rows, stats = load_rows(name)
+            rows, stats = load_rows(name, field)
         prompts, rstats = render_prompts(rows, tok, max_prompt_length=cfg.data.max_prompt_length,
                                          truncation=cfg.data.truncation, enable_thinking=cfg.data.enable_thinking,
                                          template=cfg.data.chat_template or None)
@@ -151,7 +153,8 @@ def load_data(cfg: Config, tok: Tokenizer, log) -> tuple[list, dict[str, list]]:
         raise ValueError(f"data.train_files={cfg.data.train_files}: no usable prompts")
     val_sets = {}
     if cfg.trainer.val_every:
-        val_sets = load_prompts(cfg, tok, cfg.data.val_files, seed=cfg.trainer.seed + 1, log=log)
+        val_sets = load_prompts(cfg, tok, cfg.data.val_files, seed=cfg.trainer.seed + 1, log=log,
+                                field="data.val_files")
         if cfg.data.val_max_prompts:
             val_sets = {k: v[: cfg.data.val_max_prompts] for k, v in val_sets.items()}
     return train_prompts, val_sets
@@ -166,6 +169,12 @@ def save_config(cfg: Config, k: int, out: Path, info: parallel.DistInfo, log) ->
     if info.is_main:
         (out / "config.json").write_text(json.dumps(resolved, indent=1))
         log("[config] " + json.dumps(resolved))
+
+
+def max_new_tokens(cfg: Config) -> int:
+    """The longest response the run samples: rollout.max_new_tokens, or trainer.val_max_new_tokens where validation
+    samples longer (the vLLM engine's max_model_len must hold both)."""
+    return max(cfg.rollout.max_new_tokens, cfg.trainer.val_max_new_tokens if cfg.trainer.val_every else 0)
 
 
 def reference_model(path: Path, info: parallel.DistInfo, compute_dtype: torch.dtype, liger: bool) -> nn.Module:

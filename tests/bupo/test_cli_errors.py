@@ -1,6 +1,7 @@
 """Every user error of every entry point ends in one `error: ...` line naming the field, file or row, exit code 1;
 bugs keep their traceback; torchrun failures end on the rank's line (bupo.cli)."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -148,7 +149,20 @@ def missing_dataset(model, tmp):
     return ["--data.train_files=arithmetic,missing.parquet"], ["missing.parquet"]
 
 
-TRAINER_CASES = [out_dir_is_a_file, out_dir_below_a_file, template_syntax_error, template_unknown_filter,
+def out_dir_empty(model, tmp):  # an empty path is the current folder: it would write the run there
+    return ["--trainer.out_dir="], ["trainer.out_dir is empty"]
+
+
+def unknown_dataset(model, tmp):
+    return ["--data.train_files=nosuchset"], ["data.train_files", "nosuchset", "arithmetic", "math500"]
+
+
+def unknown_val_dataset(model, tmp):
+    return ["--data.val_files=nosuchset", "--trainer.val_every=1"], ["data.val_files", "nosuchset"]
+
+
+TRAINER_CASES = [out_dir_empty, unknown_dataset, unknown_val_dataset, out_dir_is_a_file, out_dir_below_a_file,
+                 template_syntax_error, template_unknown_filter,
                  template_fails_on_a_row, truncated_safetensors, empty_safetensors, index_lists_a_missing_shard,
                  tokenizer_json_not_json, tokenizer_config_not_json, config_json_not_json, config_json_wrong_type,
                  prompt_column_of_ints, prompt_column_of_floats, not_a_parquet_file, truncated_parquet,
@@ -221,6 +235,13 @@ ENTRY_POINT_CASES = {  # module and arguments ({model}, {tmp} filled in), words 
     "bench_rollout-csv": (["bupo.bench.rollout", "--csv", "{tmp}/ints.parquet/rows.csv"], ["--csv"]),
     "bupo.kernels.bench": (["bupo.kernels.bench", "--tokens", "0"], ["--tokens=0"]),
     "bupo.kernels.bench-csv": (["bupo.kernels.bench", "--csv", "{tmp}/ints.parquet/out.csv"], ["--csv"]),
+    "passk-out-empty": (["bupo.evals.passk", "--model", "{model}", "--data", "arithmetic", "--out", ""],
+                        ["--out is empty"]),
+    "passk-data-unknown": (["bupo.evals.passk", "--model", "{model}", "--data", "nosuchset", "--out", "{tmp}/pk",
+                            "--max-new-tokens", "8"], ["--data", "nosuchset", "arithmetic"]),
+    "entropy_flow-out-empty": (["bupo.evals.entropy_flow", "--model", "{model}", "--data", "arithmetic", "--out",
+                                ""], ["--out is empty"]),
+    "compare-out-empty": (["bupo.evals.compare", "{tmp}", "--out", ""], ["--out is empty"]),
 }
 # One process per entry point checks the `__main__` wiring; the other cases run main() under run_main in-process.
 AS_PROCESS = ("entropy_flow-samples", "passk-prompt-ints", "bench_step", "bench_rollout", "bupo.kernels.bench")
@@ -476,3 +497,20 @@ def test_gpu_check_errors_are_one_line(tmp_path):
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--shape", "custom", "--tokens", "8"], "--shape custom needs --hidden and --vocab"),
+    (["--providers", "naive,bogus"], "--providers: unknown ['bogus']"),
+])
+def test_kernel_bench_usage_errors_are_one_line(args, needle):
+    proc = _run([sys.executable, "-m", "bupo.kernels.bench", *args])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {needle}"), proc.stderr
+    assert lines[0].endswith("(see python -m bupo.kernels.bench --help)")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_bench_rollout_vllm_without_vllm_names_the_flag(tmp_path):
+    proc = _run([sys.executable, "-m", "bupo.bench.rollout", "--vllm", "--prompts", "1", "--max-new-tokens", "2"])
+    _assert_one_line_error(proc, ["--vllm needs vllm"])

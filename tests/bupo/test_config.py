@@ -248,3 +248,15 @@ def test_prompt_and_response_lengths_are_checked_against_the_models_context():
                      "--trainer.val_max_new_tokens=9"])
     with pytest.raises(ValueError, match=r"trainer\.val_max_new_tokens=9 = 17 tokens"):
         c.validate(max_positions=16)
+
+
+def test_the_engines_length_holds_the_longest_response_sampled():
+    """The vLLM engine's max_model_len is data.max_prompt_length + train.max_new_tokens(cfg): validation may sample
+    longer than training (trainer.val_max_new_tokens), and only while it runs."""
+    from bupo.train import max_new_tokens
+
+    base = ["--rollout.max_new_tokens=64"]
+    assert max_new_tokens(load_config(base)) == 64
+    assert max_new_tokens(load_config([*base, "--trainer.val_every=5", "--trainer.val_max_new_tokens=256"])) == 256
+    assert max_new_tokens(load_config([*base, "--trainer.val_every=0", "--trainer.val_max_new_tokens=256"])) == 64
+    assert max_new_tokens(load_config([*base, "--trainer.val_every=5", "--trainer.val_max_new_tokens=16"])) == 64

@@ -206,3 +206,20 @@ def test_metrics_damaged_in_the_middle_names_file_and_line(tiny_model, finished,
         main(train_args(tiny_model, out, 4))
     assert "metrics.jsonl line 2: not valid JSON" in str(e.value)
     assert (out / "metrics.jsonl").read_text() == "".join(lines)
+
+
+def test_a_start_that_recorded_no_step_is_started_again(tiny_model, tmp_path):
+    """Stopped during step 1 (Ctrl-C, a crash): config.json and an empty metrics.jsonl, nothing else. The same
+    experiment starts again there; another one is refused."""
+    args = {"trainer.save_every": 0, "bupo.iterative_steps": 1}
+    done = tmp_path / "done"
+    run(load_config(train_args(tiny_model, done, 1, **args)))
+    out = tmp_path / "stopped"
+    out.mkdir()
+    shutil.copy(done / "config.json", out / "config.json")
+    (out / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as e:  # other settings: refused, the folder left as it was
+        main(train_args(tiny_model, out, 1, **{**args, "rollout.n": 4}))
+    assert "no checkpoint" in str(e.value) and (out / "metrics.jsonl").read_text() == ""
+    records = run(load_config(train_args(tiny_model, out, 1, **args)))
+    assert [r["step"] for r in records] == [1] and (out / "final").is_dir()
