@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 from tiny_models import DTYPE, transformers
-from torch.testing import assert_close
 
 from bupo import models
 
@@ -67,11 +66,12 @@ def test_matches_transformers_llama_on_the_same_folder(smollm2_dir, smollm2, hf_
     hf = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, **{DTYPE: torch.float32}).eval()
     ids = torch.tensor([hf_tok(RENDERED, add_special_tokens=False).input_ids])
     ref = hf(ids, output_hidden_states=True)
-    # 30 fp32 layers of the real model with different kernels on each side: default tolerances hold against
-    # transformers 5.x, while 4.51.3 on torch 2.8 differed by up to 7.4e-5 (a CI run, 2026-12-07)
-    assert_close(smollm2(ids), ref.logits, rtol=1e-5, atol=2e-4)
-    for layer in (0, 14):
-        assert_close(smollm2.hidden_states(ids, layer=layer), ref.hidden_states[layer + 1])
+    # fp32 agreement relative to each tensor's scale (the residual grows to ~2.5e4 by layer 14): transformers 4.51.3 on
+    # torch 2.8 computes the real model in another order (max |diff| / max |ref| 2e-6 on the logits; measured
+    # 2026-12-07), which element-wise default tolerances reject for entries near zero
+    for got, want in [(smollm2(ids), ref.logits),
+                      *[(smollm2.hidden_states(ids, layer=layer), ref.hidden_states[layer + 1]) for layer in (0, 14)]]:
+        assert (got - want).abs().max() <= 4e-6 * want.abs().max(), ((got - want).abs().max(), want.abs().max())
 
 
 @torch.no_grad()
