@@ -98,12 +98,12 @@ def load_run(path: str | Path) -> Run:
     if not p.exists():
         raise ValueError(f"run folder {p} does not exist")
     if not p.is_dir():
-        raise ValueError(f"{p} is a file, not a run folder (give out_dirs of python -m bupo.train)")
+        raise ValueError(f"{p} is a file, not a run folder (give trainer.out_dir folders of bupo train)")
     metrics, config = p / "metrics.jsonl", p / "config.json"
     if not metrics.is_file():
-        raise ValueError(f"{p} has no metrics.jsonl (give out_dirs of python -m bupo.train)")
+        raise ValueError(f"{p} has no metrics.jsonl (give trainer.out_dir folders of bupo train)")
     if not config.is_file():
-        raise ValueError(f"{p} has no config.json (give out_dirs of python -m bupo.train)")
+        raise ValueError(f"{p} has no config.json (give trainer.out_dir folders of bupo train)")
     records = read_metrics(metrics)
     if not records:
         raise ValueError(f"{metrics} holds no step records")
@@ -413,7 +413,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog=cli.prog("bupo.evals.compare"), description=__doc__.split("\n\n")[0],
                                 epilog="Intervals: see the module docstring (Student t over seeds; Welch for "
                                        "differences; none for n=1).")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="out_dir of python -m bupo.train")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trainer.out_dir of a bupo train run")
     p.add_argument("--out", required=True, help="folder for compare.json, compare.md, compare.png")
     p.add_argument("--label", default="", help="comma-separated config keys to group by (e.g. bupo.iterative_steps); "
                                                "default: the settings that differ between runs, except the seed, "

@@ -159,7 +159,7 @@ def test_cli_error_line_and_help(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bupo.evals.compare", str(tmp_path / "empty"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'empty'} has no metrics.jsonl (give out_dirs of python -m bupo.train)"]
+        f"error: {tmp_path / 'empty'} has no metrics.jsonl (give trainer.out_dir folders of bupo train)"]
     r = subprocess.run([sys.executable, "-m", "bupo.evals.compare", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--window" in r.stdout and "--label" in r.stdout
 
