@@ -181,16 +181,21 @@ class Config:
         _validate(self)
         _validate_layer(self, num_layers)
         if max_positions is not None:  # validation samples up to trainer.val_max_new_tokens where that is longer
-            new = ("rollout.max_new_tokens", self.rollout.max_new_tokens)
-            if self.trainer.val_every and self.trainer.val_max_new_tokens > self.rollout.max_new_tokens:
-                new = ("trainer.val_max_new_tokens", self.trainer.val_max_new_tokens)
-            check_context(max_positions, self.data.max_prompt_length, new[1], prompt="data.max_prompt_length",
-                          new=new[0], model=f"model.path={self.model.path!r}")
+            longest = max_new_tokens(self)
+            new = "rollout.max_new_tokens" if longest == self.rollout.max_new_tokens else "trainer.val_max_new_tokens"
+            check_context(max_positions, self.data.max_prompt_length, longest, prompt="data.max_prompt_length",
+                          new=new, model=f"model.path={self.model.path!r}")
         if world_size is not None:
             _validate_world(self, world_size)
         if tokenizer_vocab is not None and model_vocab is not None and tokenizer_vocab > model_vocab:
             raise ValueError(f"model.path={self.model.path!r}: the tokenizer has {tokenizer_vocab} ids but the model "
                              f"only {model_vocab} embedding rows")
+
+
+def max_new_tokens(cfg: Config) -> int:
+    """The longest response the run samples: rollout.max_new_tokens, or trainer.val_max_new_tokens where validation
+    samples longer (the context check and the vLLM engine's max_model_len must hold both)."""
+    return max(cfg.rollout.max_new_tokens, cfg.trainer.val_max_new_tokens if cfg.trainer.val_every else 0)
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:

@@ -248,11 +248,8 @@ def part_gpu_tests(part: Part, args: argparse.Namespace) -> int:
     has_cuda = cuda()
     if not args.quick and not has_cuda:
         return part.finish("failed", "no CUDA device")
-    junit = part.out / "gpu_tests.junit.xml"
-    junit.unlink(missing_ok=True)
-    rec = part.run([PY, "-m", "pytest", "-m", "gpu and not vllm", "-q", "-ra", "-p", "no:cacheprovider",
-                    "--continue-on-collection-errors", f"--junitxml={junit}", "tests"], commands_left=2)
-    counts = junit_counts(junit) if junit.is_file() else {}
+    rec, counts = run_pytest(part, "gpu_tests", ["-m", "gpu and not vllm", "--continue-on-collection-errors", "tests"],
+                             commands_left=2)
     part.data["facts"] = counts
     vllm_problem = vllm_tests(part)
     if vllm_problem:
@@ -269,6 +266,15 @@ def part_gpu_tests(part: Part, args: argparse.Namespace) -> int:
                                   f"({'; '.join(counts.get('skip_reasons', {})) or 'none selected'})")
 
 
+def run_pytest(part: Part, name: str, selection: list[str], commands_left: float = 1) -> tuple[dict, dict]:
+    """pytest on `selection` with its JUnit report in OUT_DIR/<name>.junit.xml -> (the run's record, junit_counts)."""
+    junit = part.out / f"{name}.junit.xml"
+    junit.unlink(missing_ok=True)
+    rec = part.run([PY, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", f"--junitxml={junit}", *selection],
+                   commands_left=commands_left)
+    return rec, junit_counts(junit) if junit.is_file() else {}
+
+
 def vllm_tests(part: Part) -> str:
     """The real-vLLM rollouts and weight-sync / log-prob check (pytest -m vllm -k sampler_logprobs: vLLM's sampling
     log-probs against the trainer's before and after full and phase-one syncs, tied and untied) where vllm imports;
@@ -277,11 +283,7 @@ def vllm_tests(part: Part) -> str:
         part.data["notes"].append("vllm is not importable here: the vLLM rollouts and the sync/log-prob checks "
                                   "(pytest -m vllm) did not run")
         return ""
-    junit = part.out / "vllm_tests.junit.xml"
-    junit.unlink(missing_ok=True)
-    rec = part.run([PY, "-m", "pytest", "-m", "vllm", "-k", "sampler_logprobs", "-q", "-ra", "-p", "no:cacheprovider",
-                    f"--junitxml={junit}", "tests/bupo"])
-    counts = junit_counts(junit) if junit.is_file() else {}
+    rec, counts = run_pytest(part, "vllm_tests", ["-m", "vllm", "-k", "sampler_logprobs", "tests/bupo"])
     part.data["facts"]["vllm_tests"] = counts
     if counts.get("failed_tests"):
         return f"vllm tests: {', '.join(counts['failed_tests'][:5])}"

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bupo import checkpoint, models, parallel
-from bupo.config import Config, load_config
+from bupo.config import Config, load_config, max_new_tokens
 from bupo.data import PromptLoader, arithmetic_rows, load_rows, render_prompts
 from bupo.loss import group_advantages, zero_variance_groups
 from bupo.metrics import MetricsLogger, final_table, peak_mem_gb, plot_curves, read_jsonl, summary_line
@@ -169,12 +169,6 @@ def save_config(cfg: Config, k: int, out: Path, info: parallel.DistInfo, log) ->
     if info.is_main:
         (out / "config.json").write_text(json.dumps(resolved, indent=1))
         log("[config] " + json.dumps(resolved))
-
-
-def max_new_tokens(cfg: Config) -> int:
-    """The longest response the run samples: rollout.max_new_tokens, or trainer.val_max_new_tokens where validation
-    samples longer (the vLLM engine's max_model_len must hold both)."""
-    return max(cfg.rollout.max_new_tokens, cfg.trainer.val_max_new_tokens if cfg.trainer.val_every else 0)
 
 
 def reference_model(path: Path, info: parallel.DistInfo, compute_dtype: torch.dtype, liger: bool) -> nn.Module:

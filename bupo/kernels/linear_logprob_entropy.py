@@ -310,22 +310,22 @@ def _torch_forward(h, w, y: torch.Tensor | None, inv_t: float, chunk_bytes: int 
     s, q = torch.zeros(N, dtype=cd, device=dev), torch.zeros(N, dtype=cd, device=dev)
     rows, cols = _tiles(N, V, chunk_bytes or CHUNK_BYTES)
     buf_t, buf_e = torch.empty(2, rows * cols, dtype=cd, device=dev)
-    for v0 in range(0, V, cols):
-        wc = w[v0: v0 + cols].to(cd)  # [Vc, H]
-        for r0 in range(0, N, rows):
-            r = slice(r0, r0 + rows)
-            with _fp32_products_in_bf16(bf16):
+    with _fp32_products_in_bf16(bf16):  # the matmul setting once per pass, not per tile
+        for v0 in range(0, V, cols):
+            wc = w[v0: v0 + cols].to(cd)  # [Vc, H]
+            for r0 in range(0, N, rows):
+                r = slice(r0, r0 + rows)
                 t = torch.mm(hp[r], wc.T, out=_tile(buf_t, hp[r].shape[0], wc.shape[0]))  # [rows, Vc] logits
-            if tile_scale != 1.0:
-                t.mul_(tile_scale)
-            m_new = torch.maximum(m[r], t.amax(1))
-            q_old = q[r] + s[r] * torch.where(s[r] > 0, m[r] - m_new, 0.0)  # re-centred on m_new
-            alpha = torch.exp(m[r] - m_new)
-            t.sub_(m_new[:, None]).clamp_(min=-FLUSH_BELOW)
-            e = torch.exp(t, out=_tile(buf_e, *t.shape))  # [rows, Vc]
-            s[r] = alpha * s[r] + e.sum(1)
-            q[r] = alpha * q_old + e.mul_(t).sum(1)
-            m[r] = m_new
+                if tile_scale != 1.0:
+                    t.mul_(tile_scale)
+                m_new = torch.maximum(m[r], t.amax(1))
+                q_old = q[r] + s[r] * torch.where(s[r] > 0, m[r] - m_new, 0.0)  # re-centred on m_new
+                alpha = torch.exp(m[r] - m_new)
+                t.sub_(m_new[:, None]).clamp_(min=-FLUSH_BELOW)
+                e = torch.exp(t, out=_tile(buf_e, *t.shape))  # [rows, Vc]
+                s[r] = alpha * s[r] + e.sum(1)
+                q[r] = alpha * q_old + e.mul_(t).sum(1)
+                m[r] = m_new
     zy = None if y is None else torch.linalg.vecdot(hs, w[y].to(cd))  # label logits, one [N, H] gather
     log_s = torch.log(s)
     return m, log_s, log_s - q / s, zy
@@ -347,25 +347,24 @@ def _torch_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int, need: tu
     dw = (torch.empty if N else torch.zeros)(V, H, dtype=w.dtype, device=dev) if need[1] else None
     rows, cols = _tiles(N, V, chunk_bytes)
     buf_t, buf_p = torch.empty(2, rows * cols, dtype=cd, device=dev)
-    for v0 in range(0, V, cols):
-        wc = w[v0: v0 + cols].to(cd)  # [Vc, H]
-        vc = wc.shape[0]
-        dwc = None if dw is None else (dw[v0: v0 + vc] if dw.dtype == cd else torch.empty_like(wc))
-        # label term a 1[j=y]: one element per row, added to the tile at (row, y - v0) when y is in this chunk
-        at_y = torch.where((y >= v0) & (y < v0 + vc), a, 0.0)
-        col_y = (y - v0).clamp(0, vc - 1)
-        for r0 in range(0, N, rows):
-            sl = slice(r0, r0 + rows)
-            with _fp32_products_in_bf16(bf16):
+    with _fp32_products_in_bf16(bf16):  # the matmul setting once per pass, not per tile
+        for v0 in range(0, V, cols):
+            wc = w[v0: v0 + cols].to(cd)  # [Vc, H]
+            vc = wc.shape[0]
+            dwc = None if dw is None else (dw[v0: v0 + vc] if dw.dtype == cd else torch.empty_like(wc))
+            # label term a 1[j=y]: one element per row, added to the tile at (row, y - v0) when y is in this chunk
+            at_y = torch.where((y >= v0) & (y < v0 + vc), a, 0.0)
+            col_y = (y - v0).clamp(0, vc - 1)
+            for r0 in range(0, N, rows):
+                sl = slice(r0, r0 + rows)
                 t = torch.mm(hp[sl], wc.T, out=_tile(buf_t, hp[sl].shape[0], vc))  # [rows, Vc] logits
-            if bf16 and inv_t != 1.0:
-                t.mul_(inv_t)
-            t.sub_(lse[sl, None])  # log p
-            p = torch.clamp(t, min=-FLUSH_BELOW, out=_tile(buf_p, *t.shape)).exp_()  # [rows, Vc]
-            t.mul_(beta[sl, None]).add_(gamma[sl, None]).mul_(p)  # dz / r without the label term
-            flat = torch.arange(t.shape[0], device=dev) * vc + col_y[sl]
-            t.view(-1).index_add_(0, flat, at_y[sl])  # dz / r
-            with _fp32_products_in_bf16(bf16):
+                if bf16 and inv_t != 1.0:
+                    t.mul_(inv_t)
+                t.sub_(lse[sl, None])  # log p
+                p = torch.clamp(t, min=-FLUSH_BELOW, out=_tile(buf_p, *t.shape)).exp_()  # [rows, Vc]
+                t.mul_(beta[sl, None]).add_(gamma[sl, None]).mul_(p)  # dz / r without the label term
+                flat = torch.arange(t.shape[0], device=dev) * vc + col_y[sl]
+                t.view(-1).index_add_(0, flat, at_y[sl])  # dz / r
                 if dh is not None:
                     dh[sl].addmm_(t, wc)
                 if dwc is not None and bf16:
@@ -374,8 +373,8 @@ def _torch_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int, need: tu
                     torch.mm(t.T, hr[sl], out=dwc)
                 elif dwc is not None:
                     dwc.addmm_(t.T, hr[sl])
-        if dwc is not None and dw.dtype != cd:
-            dw[v0: v0 + vc].copy_(dwc)
+            if dwc is not None and dw.dtype != cd:
+                dw[v0: v0 + vc].copy_(dwc)
     if dh is not None:
         dh = dh.mul_(r[:, None] * inv_t).to(h.dtype)
     return dh, dw
