@@ -26,7 +26,7 @@ Backends (all share the math above; "naive" is the spec the others are tested ag
 - "torch": the same tiling with PyTorch ops on [rows, Vc] tiles of at most CHUNK_BYTES, V chunks outer (W is
   read once per pass); the CPU default. Tiles are fp32; with bf16 inputs on a CPU with bf16 matrix units the
   products run there with fp32 accumulation and fp32 output (oneDNN's bf16 math mode, scoped to the products:
-  `_fp32_products_in_bf16`), so logits keep fp32 accuracy, and the backward's dz is rounded to bf16 for its two
+  bupo.kernels.products), so logits keep fp32 accuracy, and the backward's dz is rounded to bf16 for its two
   products as the Triton backward's dz chunk is. CPU GEMMs on denormal floats ran ~200x slower here, and
   torch.set_flush_denormal only reaches the calling thread (not the OpenMP workers), so no global state is
   touched; instead log-probs below -FLUSH_BELOW are clamped (adds < V exp(-50) relative mass) and dz is
@@ -34,7 +34,6 @@ Backends (all share the math above; "naive" is the spec the others are tested ag
 - "naive": a plain PyTorch model's computation (logits = h @ W^T in the input dtype, then fp32 log-softmax).
 - "auto": "triton" for CUDA tensors, "torch" otherwise.
 """
-import contextlib
 import functools
 import math
 import os
@@ -42,6 +41,10 @@ import types
 import warnings
 
 import torch
+
+from bupo.kernels.products import _cpu_has_bf16  # noqa: F401  (tests read it here)
+from bupo.kernels.products import bf16_units as _bf16_products
+from bupo.kernels.products import fp32_products_in_bf16 as _fp32_products_in_bf16
 
 try:
     import triton
@@ -254,38 +257,6 @@ def _triton_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int, need: t
 # --- chunked PyTorch path ---------------------------------------------------------------------------------
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _bf16_products(h: torch.Tensor) -> bool:
-    """Whether the chunked path multiplies in bf16 with fp32 accumulation and fp32 output: bf16 inputs on a CPU whose
-    oneDNN has bf16 matrix units (AMX-BF16, AVX512-BF16), through torch.backends.mkldnn.matmul.fp32_precision
-    (torch >= 2.9). Else the products run in fp32 (the same values up to accumulation order, slower)."""
-    matmul = getattr(torch.backends.mkldnn, "matmul", None)
-    return (h.dtype == torch.bfloat16 and h.device.type == "cpu" and hasattr(matmul, "fp32_precision")
-            and torch.backends.mkldnn.is_available() and _cpu_has_bf16())
-
-
-@functools.cache
-def _cpu_has_bf16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-@contextlib.contextmanager
-def _fp32_products_in_bf16(on: bool):
-    """fp32 CPU matrix products inside run on bf16 units with fp32 accumulation (oneDNN's bf16 math mode): exact
-    products of operands that are bf16 values, so logits from bf16 h and W keep fp32 accuracy at bf16 speed; an fp32
-    operand that is not a bf16 value (dz in backward) is rounded to bf16 first, as the Triton kernel's dz chunk is.
-    Only the matmul setting changes, and only inside."""
-    if not on:
-        yield
-        return
-    matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
 
 
 def _tiles(N: int, V: int, chunk_bytes: int) -> tuple[int, int]:

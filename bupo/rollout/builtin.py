@@ -28,8 +28,8 @@ C the model's context (max_position_embeddings): a prompt of P tokens needs P + 
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 
+from bupo.kernels.products import bf16_units, fp32_logits
 from bupo.rollout.interface import Rollout, SamplingParams
 
 
@@ -97,6 +97,7 @@ class BuiltinEngine:
         self.model = model
         self.max_batch_size = max_batch_size
         self.vocab_size = rows if vocab_size is None else vocab_size
+        self._head32: torch.Tensor | None = None  # the head upcast to fp32 during a generate call (bf16 on a CPU)
 
     # --- the Engine protocol
 
@@ -106,8 +107,13 @@ class BuiltinEngine:
         self._check(prompts, params)
         seqs = [(p, s) for p in range(len(prompts)) for s in range(params.n)]  # prompt-major
         out: list[Rollout] = []
-        for i in range(0, len(seqs), self.max_batch_size):
-            out += self._generate_batch(prompts, seqs[i : i + self.max_batch_size], params)
+        head = self.model.unembedding[: self.vocab_size]
+        self._head32 = head.float() if bf16_units(head) else None  # once per call: weights change between calls
+        try:
+            for i in range(0, len(seqs), self.max_batch_size):
+                out += self._generate_batch(prompts, seqs[i : i + self.max_batch_size], params)
+        finally:
+            self._head32 = None
         return out
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -148,8 +154,10 @@ class BuiltinEngine:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, H] (the last position only) -> fp32 logits [B, V] through the first V = vocab_size rows of the
-        unembedding (a contiguous view: padded rows are never computed, so they can never be sampled)."""
-        return F.linear(h, self.model.unembedding[: self.vocab_size]).float()
+        unembedding (a contiguous view: padded rows are never computed, so they can never be sampled). In a bf16
+        model the products accumulate in fp32 and the logits are never rounded to bf16 (kernels.fp32_logits, on
+        the CPU's bf16 units with the head upcast once per generate call), as the trainer's log-probs."""
+        return fp32_logits(h, self.model.unembedding[: self.vocab_size], weight_fp32=self._head32)
 
     def _prefill(self, prompts: list[list[int]], seqs: list[tuple[int, int]], params: SamplingParams, N: int):
         """Run every distinct prompt of the batch once, left-padded to the longest (P), and copy its K/V to the
