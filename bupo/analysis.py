@@ -166,9 +166,10 @@ def layer_diagnostics(model, input_ids: torch.Tensor, k: int, *, cu_seqlens: tor
     if n == 0:
         raise ValueError("layer_diagnostics: the mask selects no positions")
     for s in range(0, n, chunk_rows):
-        logp_k = F.log_softmax((hs[k][s:s + chunk_rows] @ E.T).float() / temperature, dim=-1)  # [c, V]
+        # fp32 logits, never rounded to bf16 (in a bf16 model a bf16 product would round them by up to ~0.06)
+        logp_k = F.log_softmax(kernels.fp32_logits(hs[k][s:s + chunk_rows], E) / temperature, dim=-1)  # [c, V]
         for j, h in enumerate(later):
-            logp_l = F.log_softmax((h[s:s + chunk_rows] @ E.T).float() / temperature, dim=-1)  # [c, V]
+            logp_l = F.log_softmax(kernels.fp32_logits(h[s:s + chunk_rows], E) / temperature, dim=-1)  # [c, V]
             kl[j] += (logp_k.exp() * (logp_k - logp_l)).sum().item()
     kl = [x / n for x in kl]
     return {"layers": list(range(k + 1, L)), "cos": cos[:-1], "kl": kl[:-1], "cos_final": cos[-1],

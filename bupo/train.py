@@ -25,6 +25,7 @@ from tqdm import tqdm
 from bupo import checkpoint, models, parallel
 from bupo.config import Config, load_config, max_new_tokens
 from bupo.data import PromptLoader, arithmetic_rows, load_rows, render_prompts
+from bupo.kernels.products import bf16_units
 from bupo.loss import group_advantages, zero_variance_groups
 from bupo.metrics import MetricsLogger, final_table, peak_mem_gb, plot_curves, read_jsonl, summary_line
 from bupo.models.liger import resolve_liger, use_liger
@@ -76,7 +77,8 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
         out.mkdir(parents=True, exist_ok=True)
     path = models.resolve_model_path(cfg.model.path, flag="model.path")
     tok = Tokenizer.from_pretrained(path)
-    compute_dtype = DTYPES[cfg.model.dtype] if info.device.type == "cuda" else torch.float32
+    compute_dtype = DTYPES[cfg.model.dtype]  # the same policy on every device: fp32 master weights, see parallel
+    log(describe_precision(compute_dtype, info.device))
     model = models.build_meta(path)  # config.json only: validated before any weight is read
     cfg.validate(num_layers=model.config.num_hidden_layers, world_size=info.world_size,
                  tokenizer_vocab=tok.vocab_size, model_vocab=model.config.vocab_size,
@@ -123,6 +125,20 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
     return Run(info=info, out=out, path=path, tok=tok, model=model, engine=engine, optimizer=optimizer,
                scheduler=scheduler, loader=loader, val_sets=val_sets, k=k, trainable=trainable, ref_model=ref_model,
                logger=logger, start=start, log=log)
+
+
+def describe_precision(compute_dtype: torch.dtype, device: torch.device) -> str:
+    """The log line that says how this run computes; on a CPU, whether its bf16 matrix units are used."""
+    name = str(compute_dtype).removeprefix("torch.")
+    line = f"[model] compute {name} on {device.type}, fp32 master weights and AdamW state, fp32 log-probs"
+    if device.type == "cpu" and compute_dtype == torch.bfloat16:
+        if bf16_units(torch.empty(0, dtype=torch.bfloat16)):
+            line += " (bf16 matrix products on this CPU's bf16 units)"
+        else:
+            line += " (this CPU or torch has no bf16 matrix units: bf16 is emulated, model.dtype=float32 is faster)"
+    elif device.type == "cpu" and compute_dtype == torch.float16:
+        line += " (no fp16 matrix units are used on a CPU: model.dtype=bfloat16 or float32 is faster)"
+    return line
 
 
 def load_prompts(cfg: Config, tok: Tokenizer, names: list[str], *, seed: int, log,

@@ -29,7 +29,9 @@ from bupo import cli
 from bupo.metrics import plot_text
 
 SETTINGS = ("model", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "enable_thinking",
-            "max_prompt_length", "chat_template", "seed_scheme")
+            "max_prompt_length", "chat_template", "seed_scheme", "dtype")
+# settings added after the first release: a settings file without one was written with its value of that time
+ADDED = {"dtype": "auto"}
 # How samples are seeded, recorded with the settings. 1 (files without the key, written before it existed): one
 # seed per batch of problems, from the batch's first problem; 2: per sample, the scheme of bupo.rollout.interface.
 SEED_SCHEME = 2
@@ -98,7 +100,7 @@ def check_settings(out: Path, settings: dict) -> None:
                              f"(seed, dataset, problem, sample) (scheme {settings['seed_scheme']}), so new samples "
                              "would not be the ones that run would have drawn. Use a fresh --out, or delete the "
                              "old one to start over")
-        diff = {k: (old.get(k), settings[k]) for k in SETTINGS if old.get(k) != settings[k]}
+        diff = {k: (old.get(k, ADDED.get(k)), settings[k]) for k in SETTINGS if old.get(k, ADDED.get(k)) != settings[k]}
         if diff:
             raise ValueError(f"--out {out} holds generations made with other settings {diff} (old, new); "
                              "use a fresh --out or the same settings")
@@ -141,14 +143,23 @@ def read_template(path: str) -> str:
         raise ValueError(f"--chat-template {path}: not UTF-8 text ({e})") from None
 
 
+def engine_dtype(name: str, device_type: str):
+    """--dtype as a torch dtype: auto is bfloat16 on CUDA and float32 on a CPU."""
+    import torch
+
+    if name == "auto":
+        name = "bfloat16" if device_type == "cuda" else "float32"
+    return getattr(torch, name)
+
+
 def make_engine(kind: str, path: Path, tok, args):
-    """bupo.rollout.engine.make_engine from the command line: bf16 on CUDA, fp32 on CPU."""
+    """bupo.rollout.engine.make_engine from the command line, in --dtype."""
     import torch
 
     from bupo.rollout.engine import make_engine as engine_for
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return engine_for(kind, path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+    return engine_for(kind, path, device=device, dtype=engine_dtype(args.dtype, device.type),
                       vocab_size=tok.vocab_size, max_batch_size=args.max_batch_size, seed=args.seed,
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       tensor_parallel_size=args.tensor_parallel_size,
@@ -288,6 +299,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(max_position_embeddings) minus --max-new-tokens is less. Prompt + response must fit in "
                         "the context (checked before any work)")
     p.add_argument("--engine", choices=("builtin", "vllm", "auto"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="the engine's compute dtype; auto: bfloat16 on CUDA, float32 on a CPU (bfloat16 there uses "
+                        "its bf16 matrix units, logits stay fp32)")
     p.add_argument("--max-prompts", type=int, default=0, help="first N problems of each dataset (0: all)")
     p.add_argument("--arithmetic-size", type=int, default=64, help="problems of the built-in 'arithmetic' set")
     p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     settings = {"model": str(path), "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, "enable_thinking": args.enable_thinking,
                 "max_prompt_length": args.max_prompt_length, "chat_template": args.chat_template,
-                "seed_scheme": SEED_SCHEME}
+                "seed_scheme": SEED_SCHEME, "dtype": args.dtype}
     check_settings(out, settings)
     tok = Tokenizer.from_pretrained(path)
     problems = load_problems(args.data, tok, args)

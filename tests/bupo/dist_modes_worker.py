@@ -11,7 +11,8 @@ Writes (rank 0) tensors named `<mode>.<phase>.<what>` and scalars as metadata, p
       updates and log-prob passes on batches of other lengths count the graphs dynamo made.
   bf16: FSDP2 with param_dtype=bfloat16, AdamW (the recipe's optimizer): log-probs of the whole batch and the loss
       before the step, next to fp32 FSDP2 and to a plain (no FSDP) model cast to bf16; dtypes of the parameters and
-      of the AdamW state after the step.
+      of the AdamW state after the step; the gradient of one update (`grad_<net>.<param>`: fp32/bf16 FSDP2 from an
+      SGD step at lr 1, plain32/plain16 from backward on the same loss).
 """
 
 import math
@@ -24,6 +25,7 @@ from torch._dynamo.utils import counters
 
 from bupo import checkpoint, models, parallel
 from bupo.config import AlgoConfig
+from bupo.loss import policy_loss
 from bupo.rollout.interface import Rollout
 from bupo.update import compute_logprobs, is_phase_one_param, pack, policy_logprobs, update_policy
 
@@ -104,6 +106,10 @@ def count_graphs(model, info, meta: dict, mode: str) -> None:
     meta[f"{mode}.new_packings"] = len(totals)
 
 
+def advantages(seqs: list[Rollout]) -> torch.Tensor:
+    return torch.cat([torch.full((len(s.response_ids),), s.advantage) for s in seqs])  # [N] per response token
+
+
 def bf16_mode(info, out: dict, meta: dict) -> None:
     lp_kw = dict(norm=False, temperature=1.0, token_budget=12)
     for tag, layer in (("k1", K), ("full", None)):
@@ -127,11 +133,26 @@ def bf16_mode(info, out: dict, meta: dict) -> None:
         meta[f"bf16.{tag}.updates"] = m["updates"]
         for name, dtype in (("plain32", torch.float32), ("plain16", torch.bfloat16)):
             plain = models.build_model(w.TINY, dtype=dtype)  # the same seeded weights, plain PyTorch, no FSDP
-            with torch.no_grad():
-                lp, _ = policy_logprobs(plain, pack(seqs, torch.device("cpu")), layer=layer)
-            out[f"bf16.{tag}.logp_{name}"] = lp.float()
+            lp, _ = policy_logprobs(plain, pack(seqs, torch.device("cpu")), layer=layer)
+            out[f"bf16.{tag}.logp_{name}"] = lp.detach().float()
+            # the gradient of the update's loss (one mini-batch of every sequence: the token mean of the batch)
+            loss, _ = policy_loss(lp, old, advantages(seqs), global_tokens=float(lp.numel()), clip_low=ALGO.clip_low,
+                                  clip_high=ALGO.clip_high, dual_clip=ALGO.dual_clip)
+            loss.backward()
+            for n, p in plain.named_parameters():
+                if p.grad is not None:
+                    out[f"bf16.{tag}.grad_{name}.{n}"] = p.grad.float()
+        for name, fsdp in (("fp32", {}), ("bf16", {"param_dtype": torch.bfloat16})):
+            # one step of the trainer's update with SGD at lr 1 and no clipping: every weight moves by -(its gradient)
+            net = build(info, **fsdp)
+            sgd = torch.optim.SGD(net.parameters(), lr=1.0)
+            before = gathered(net)
+            update(net, sgd, share(seqs, info), info, layer, mini_batches=1)
+            for n, p in gathered(net).items():
+                if not torch.equal(p, before[n]):
+                    out[f"bf16.{tag}.grad_{name}.{n}"] = before[n] - p
         out[f"bf16.{tag}.old"] = old
-        out[f"bf16.{tag}.adv"] = torch.cat([torch.full((len(s.response_ids),), s.advantage) for s in seqs])
+        out[f"bf16.{tag}.adv"] = advantages(seqs)
 
 
 def main(path: str) -> None:

@@ -145,6 +145,45 @@ def test_bf16_compute_within_bf16_error_with_fp32_master_weights(runs, nproc, ph
     assert meta[f"bf16.{phase}.state_dtypes"] == ["torch.float32"]
 
 
+def _grads(t: dict, phase: str, net: str) -> dict[str, torch.Tensor]:
+    prefix = f"bf16.{phase}.grad_{net}."
+    return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+
+
+def _dist(a: dict, b: dict) -> float:
+    """L2 distance between two gradients given per parameter (the same names)."""
+    assert a.keys() == b.keys() and a, (sorted(a), sorted(b))
+    return float(torch.stack([(a[n].double() - b[n].double()).norm() for n in a]).norm())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("phase", PHASES)
+def test_bf16_update_gradient_within_bf16_error(runs, nproc, phase):
+    """The gradient of one update step (the trainer's update_policy, SGD at lr 1) in bf16 FSDP2 against fp32 FSDP2,
+    within 2x the distance between a plain bf16 and a plain fp32 model's gradients of the same loss (L2 over all
+    parameters). The fp32 FSDP2 gradient is the plain fp32 one (the same loss), and the bf16 one differs from it."""
+    t, _ = runs[nproc]
+    g32, g16, p32, p16 = (_grads(t, phase, n) for n in ("fp32", "bf16", "plain32", "plain16"))
+    scale = float(torch.stack([g.double().norm() for g in p32.values()]).norm())
+    assert _dist(g32, p32) <= 1e-5 * scale, (_dist(g32, p32), scale)  # FSDP2 fp32 = the plain model's gradient
+    ref = _dist(p16, p32)
+    assert 0 < _dist(g16, g32) <= 2 * ref, (_dist(g16, g32), ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", PHASES)
+def test_bf16_two_processes_equal_one_within_bf16_error(runs, phase):
+    """2 gloo processes against 1 in bf16: log-probs and the update's gradient within 2x the plain bf16 error (the
+    two differ by reduction order and sharding only, far less than bf16's rounding, which the bound is made of)."""
+    (t1, _), (t2, _) = runs[1], runs[2]
+    g = lambda t, what: t[f"bf16.{phase}.{what}"]  # noqa: E731
+    ref_lp = float((g(t1, "logp_plain16") - g(t1, "logp_plain32")).abs().max())
+    assert float((g(t2, "logp_bf16") - g(t1, "logp_bf16")).abs().max()) <= 2 * ref_lp
+    ref = _dist(_grads(t1, phase, "plain16"), _grads(t1, phase, "plain32"))
+    assert _dist(_grads(t2, phase, "bf16"), _grads(t1, phase, "bf16")) <= 2 * ref
+
+
 def _qwen3_step(model, packed, layer):
     from bupo.update import policy_logprobs
     logp, _ = policy_logprobs(model, packed, layer=layer)

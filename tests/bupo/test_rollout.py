@@ -286,3 +286,26 @@ def test_builtin_engine_refuses_to_generate_past_the_models_context(model):
         BuiltinEngine(model).generate([[1] * 10, [1] * 200], SamplingParams(max_new_tokens=57))
     out = BuiltinEngine(model).generate([[1] * 200], SamplingParams(max_new_tokens=56))  # exactly full
     assert len(out[0]) <= C
+
+
+def test_bf16_sampler_logprobs_within_2x_plain_bf16_error_with_a_bf16_cache(model, prompts, monkeypatch):
+    """A bf16 model samples with a bf16 KV cache and fp32 logits (never rounded to bf16): its log-probs of the
+    sampled tokens are within 2x the error of a plain bf16 model (its logits rounded to bf16), both against the fp32
+    model's no-cache log-probs of the same tokens."""
+    import copy
+
+    lo = copy.deepcopy(model).to(torch.bfloat16)
+    caches = []
+    new_cache = lo.new_cache
+    monkeypatch.setattr(lo, "new_cache", lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1])
+    eng = BuiltinEngine(lo)
+    out = eng.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=3))
+    assert caches and all(k.dtype == torch.bfloat16 for c in caches for k in c.k) and eng._head32 is None
+    err = ref = 0.0
+    for s in out:
+        ids, resp = prompts[s.prompt_index], torch.tensor(s.response_ids)[:, None]
+        truth = policy_logits(model, ids + s.response_ids)[len(ids) - 1 : -1].log_softmax(-1).gather(-1, resp)[:, 0]
+        plain = policy_logits(lo, ids + s.response_ids)[len(ids) - 1 : -1].log_softmax(-1).gather(-1, resp)[:, 0]
+        err = max(err, float((torch.tensor(s.logprobs) - truth).abs().max()))
+        ref = max(ref, float((plain - truth).abs().max()))
+    assert 0 < err <= 2 * ref, (err, ref)

@@ -327,3 +327,30 @@ def test_a_run_past_the_models_context_is_refused_before_any_work(tmp_path):
     assert msg.startswith("error: data.max_prompt_length=16 + rollout.max_new_tokens=16 = 32 tokens exceed")
     assert "max_position_embeddings=16" in msg and "\n" not in msg
     assert not (out / "metrics.jsonl").exists() and not (out / "config.json").exists()
+
+
+def test_bf16_on_cpu_resumes_exactly_with_fp32_master_state(tiny_model, tmp_path, capsys):
+    """model.dtype=bfloat16 on the CPU computes in bf16 (the log says so, and the numbers differ from an fp32 run's)
+    while the master weights and the AdamW state stay fp32: the checkpoint holds fp32, a run resumed from it equals
+    the uninterrupted run step for step, and the exported weights are bitwise the same."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    bf16 = {"model.dtype": "bfloat16", "trainer.diag_every": 2}
+    out_a, out_b, out_32 = tmp_path / "a", tmp_path / "b", tmp_path / "fp32"
+    rec_a = run(load_config(train_args(tiny_model, out_a, 4, **bf16)))
+    assert "[model] compute bfloat16 on cpu, fp32 master weights and AdamW state" in capsys.readouterr().out
+    run(load_config(train_args(tiny_model, out_b, 2, **bf16)))
+    rec_b = run(load_config(train_args(tiny_model, out_b, 4, **bf16)))  # resumes at step 3
+    assert strip_timing(rec_b) == strip_timing(rec_a)
+    wa, wb = load_file(out_a / "final" / "model.safetensors"), load_file(out_b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert {t.dtype for t in wa.values()} == {torch.float32}
+    md = FileSystemReader(str(out_a / "checkpoints" / "step_000004")).read_metadata().state_dict_metadata
+    floats = {k: m.properties.dtype for k, m in md.items()
+              if hasattr(m, "properties") and m.properties.dtype.is_floating_point}
+    assert any(k.startswith("model.") for k in floats) and any("exp_avg_sq" in k for k in floats), sorted(floats)
+    assert set(floats.values()) == {torch.float32}, {k: v for k, v in floats.items() if v != torch.float32}
+    rec_32 = run(load_config(train_args(tiny_model, out_32, 4)))
+    # the same run in fp32 computes other numbers: the bf16 run really ran in bf16
+    assert [r["entropy"] for r in rec_a] != [r["entropy"] for r in rec_32]
+    assert all(math.isfinite(r["logp_mismatch"]) for r in rec_a if r["phase"] == "full")

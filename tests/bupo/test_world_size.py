@@ -33,7 +33,8 @@ def _free_port() -> int:
 
 
 def _run(model: Path, out: Path, nproc: int) -> list[dict]:
-    args = {"model.path": model, "trainer.out_dir": out, "trainer.total_steps": 3, "trainer.seed": 5,
+    args = {"model.path": model, "model.dtype": "float32", "trainer.out_dir": out, "trainer.total_steps": 3,
+            "trainer.seed": 5,
             "trainer.save_every": 0, "trainer.plot": "false", "trainer.threads": 1, "trainer.device": "cpu",
             "data.train_files": "arithmetic", "data.arithmetic_size": 64, "data.batch_size": 4,
             "algo.ppo_mini_batch_size": 2, "rollout.n": 3, "rollout.max_new_tokens": 5, "bupo.internal_layer": 1,

@@ -24,9 +24,9 @@ def tiny_model_folder(d: Path, **config) -> Path:
 
 def train_args(model: Path, out: Path, steps: int, **extra) -> list[str]:
     """`--section.field=value` arguments of a short run: arithmetic, 2 prompts x 2 samples, 6 new tokens, phase one
-    at k=1 for 2 steps, a checkpoint every 2 steps."""
-    base = {"model.path": model, "trainer.out_dir": out, "trainer.total_steps": steps, "trainer.seed": 3,
-            "trainer.save_every": 2, "data.train_files": "arithmetic", "data.arithmetic_size": 64,
+    at k=1 for 2 steps, a checkpoint every 2 steps, fp32 (the exactness tests's dtype; bf16 runs pass model.dtype)."""
+    base = {"model.path": model, "model.dtype": "float32", "trainer.out_dir": out, "trainer.total_steps": steps,
+            "trainer.seed": 3, "trainer.save_every": 2, "data.train_files": "arithmetic", "data.arithmetic_size": 64,
             "data.batch_size": 2, "algo.ppo_mini_batch_size": 1, "rollout.n": 2, "rollout.max_new_tokens": 6,
             "bupo.internal_layer": 1, "bupo.iterative_steps": 2, "optim.lr": 1e-3, "trainer.plot": "false",
             "trainer.threads": 1}

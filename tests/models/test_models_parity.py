@@ -201,3 +201,41 @@ def test_capture_keys_keep_only_the_requested_quantities(pair):
         assert all(torch.equal(f[key], s[key]) for key in s)
     with pytest.raises(ValueError, match="unknown"):
         ours.capture(ids, keys=("attn_weights",))
+
+
+def _bf16_errors(ours, hf, ids: torch.Tensor) -> tuple[float, float]:
+    """(max |ours bf16 - ours fp32|, max |transformers bf16 - transformers fp32|) of the final-normed hidden states,
+    each model cast to bf16 from the same fp32 weights (transformers in bf16 is the plain PyTorch bf16 reference)."""
+    import copy
+
+    errs = []
+    for net, fwd in ((ours, lambda m: m.hidden_states(ids, layer=None)),
+                     (hf, lambda m: m(ids, output_hidden_states=True).hidden_states[-1])):
+        lo = copy.deepcopy(net).to(torch.bfloat16)
+        errs.append(float((fwd(lo).float() - fwd(net).float()).abs().max()))
+    return errs[0], errs[1]
+
+
+@torch.no_grad()
+def test_bf16_forward_within_2x_the_error_of_transformers_in_bf16(pair):
+    """The house rule for bf16: our forward in bf16 is within 2x the error (against its own fp32) of a plain
+    PyTorch bf16 model, here transformers' twin cast to bf16."""
+    ours, hf = pair
+    ids = _ids(ours.config.vocab_size, 2, 13)
+    err, ref = _bf16_errors(ours, hf, ids)
+    assert 0 < err <= 2 * ref, (err, ref)
+
+
+@torch.no_grad()
+def test_bf16_forward_of_real_smollm2_within_2x_transformers(smollm2_dir):
+    """The same rule on the real SmolLM2-135M-Instruct (30 layers; real activations, with their large outlier
+    dimensions), on 24 tokens of text."""
+    import transformers
+
+    ours = models.load_pretrained(smollm2_dir)
+    kw = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, attn_implementation="eager", **kw)
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok("The sum of 17 and 25 is 42, and twice that is 84; so 84 minus 17 is 67.", return_tensors="pt")
+    err, ref = _bf16_errors(ours, hf, ids["input_ids"])
+    assert 0 < err <= 2 * ref, (err, ref)
