@@ -65,3 +65,22 @@ def test_cuda_backend_matches_sdpa_per_sequence(dtype):
     ref = attention._sdpa_packed(q.float(), k.float(), v.float(), p).to(dtype)
     tol = {} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     assert_close(got, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [1, 3])
+def test_16bit_masked_attention_on_cpu_within_2x_sdpa_error(dtype, t):
+    """16-bit masked attention on the CPU (the decode path, grouped K/V heads, a ragged mask) against fp64 SDPA on
+    the same values: within 2x the error of torch's SDPA run in that dtype."""
+    g = torch.Generator().manual_seed(0)
+    B, nh, nkv, hd, S = 5, 6, 2, 16, 23
+    q, k, v = (torch.randn(B, n, nh if i == 0 else nkv, hd, generator=g).to(dtype) * 2
+               for i, n in enumerate((t, S, S)))
+    mask = torch.rand(B, t, S, generator=g) > 0.3
+    mask[..., -1] = True  # every row sees at least one key
+    exact = attention._sdpa(q.double(), k.double(), v.double(), attn_mask=mask[:, None])
+    got = attention.masked_attention(q, k, v, mask)
+    assert got.dtype == dtype and got.shape == q.shape
+    err = float((got.double() - exact).abs().max())
+    ref = float((attention._sdpa(q, k, v, attn_mask=mask[:, None]).double() - exact).abs().max())
+    assert 0 < err <= 2 * ref, (err, ref)
