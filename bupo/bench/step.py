@@ -6,7 +6,12 @@ once with the full policy, side by side in one run, and prints the ratio. The de
 24-layer Llama-style config whose head is about 5% of the forward FLOPs; the issue's CPU target is a ratio <= 0.30
 at k = 3. `--shape qwen3-0.6b` uses Qwen3-0.6B's config instead (random weights; 28 layers, tied head, V=151936):
     python -m bupo.bench.step --shape qwen3-0.6b --k 5 --device cuda --seqs 16 --prompt-len 256 --resp-len 768
-Last stdout line: one JSON object.
+
+--dtype is the compute dtype (FSDP2's param_dtype; the master weights and AdamW stay fp32) on every device. A comma
+list times each step kind in each dtype in the same run, the dtypes' steps interleaved (one model per dtype, built
+alike), and prints per step kind the ratio bf16 / fp32 (the issue's CPU goal: full step bf16 <= 0.4x fp32):
+    bupo bench step --dtype bfloat16,float32
+Last stdout line: one JSON object (with a comma list: the per-dtype results under "by_dtype", and "ratios").
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ SHAPES = {"qwen3-0.6b": {"model_type": "qwen3", "vocab_size": 151936, "hidden_si
                          "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
                          "tie_word_embeddings": True}}
 CUSTOM_DEFAULTS = {"layers": 24, "hidden": 512, "vocab": 8192}
+DTYPES = ("bfloat16", "float32")
+GOALS = {"full:bfloat16/float32": 0.4}  # issue 20, on the CPU: a ratio <= this
 
 
 def tiny_config(layers: int, hidden: int, vocab: int) -> dict:
@@ -53,16 +60,30 @@ def make_batch(n_seqs: int, prompt_len: int, resp_len: int, vocab: int, seed: in
                 advantage=float(torch.randn((), generator=g))) for _ in range(n_seqs)]
 
 
-def time_step(model, opt, seqs, info, layer, k, repeats: int, token_budget: int) -> list[float]:
-    trainable = [p for n, p in model.named_parameters() if is_phase_one_param(n, k)] if layer is not None else None
+def time_steps(runs: dict, seqs, info, layer, k, repeats: int, token_budget: int) -> dict[str, list[float]]:
+    """runs: {dtype name: (model, opt)} -> {dtype name: step times}; the runs' steps are interleaved, so a busy
+    machine slows each alike."""
     algo = AlgoConfig(micro_batch_tokens=token_budget, clip_low=0.2, clip_high=0.2, dual_clip=10.0)
-    times = []
+    trainable = {dt: [p for n, p in model.named_parameters() if is_phase_one_param(n, k)] if layer is not None
+                 else None for dt, (model, _) in runs.items()}
+    times = {dt: [] for dt in runs}
     for _ in range(repeats + 1):  # first call is warm-up
-        t0 = time.perf_counter()
-        update_policy(model, opt, seqs, algo, info=info, mini_batches=1, layer=layer, grad_clip=1.0,
-                      trainable=trainable)
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+        for dt, (model, opt) in runs.items():
+            t0 = time.perf_counter()
+            update_policy(model, opt, seqs, algo, info=info, mini_batches=1, layer=layer, grad_clip=1.0,
+                          trainable=trainable[dt])
+            times[dt].append(time.perf_counter() - t0)
+    return {dt: t[1:] for dt, t in times.items()}
+
+
+def build(cfg: dict, info, dtype: str) -> tuple:
+    """(model, AdamW) as the trainer sets them up: fp32 master weights, FSDP2 computing in `dtype`."""
+    torch.manual_seed(0)
+    model = models.build_model(cfg, dtype=torch.float32, device=info.device)
+    parallel.apply_fsdp(model, info, param_dtype=getattr(torch, dtype))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
+    checkpoint.init_adamw_state(opt)
+    return model, opt
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -81,7 +102,9 @@ def model_config(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = cli.ArgumentParser(prog=cli.prog("bupo.bench.step"), description=__doc__.split("\n\n")[0])
+    prog = cli.prog("bupo.bench.step")
+    example = f"bf16 vs fp32 in one run (ratio lines after the table):\n  {prog} --dtype bfloat16,float32"
+    p = cli.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=example)
     p.add_argument("--shape", choices=["custom", *SHAPES], default="custom",
                    help="custom: a random Llama-style model of --layers/--hidden/--vocab; else that model's config")
     p.add_argument("--layers", type=int, help="--shape custom (default 24)")
@@ -93,8 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resp-len", type=int, default=192)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on CUDA")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="compute dtype on every device (FSDP2 param_dtype; master weights fp32): bfloat16 or "
+                        "float32, or the comma list bfloat16,float32 to time both in one run with bf16/fp32 ratios "
+                        "(on a CPU without bf16 units bf16 is emulated and slow)")
     args = p.parse_args(argv)
+    dtypes = args.dtype.split(",")
+    if set(dtypes) - set(DTYPES) or len(set(dtypes)) < len(dtypes):
+        p.error(f"--dtype={args.dtype}: give {' or '.join(DTYPES)} or a comma list of them, each once")
     cfg = model_config(args)
     for name in ("layers", "hidden", "vocab", "seqs", "prompt_len", "resp_len", "repeats"):
         if getattr(args, name) < 1:
@@ -109,37 +138,55 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--device=cuda but no CUDA device is available; use cpu or auto")
     info = parallel.init_distributed(args.device)
     body, head = flops_per_token(cfg)
-    compute = getattr(torch, args.dtype) if info.device.type == "cuda" else torch.float32
     seqs = make_batch(args.seqs, args.prompt_len, args.resp_len, args.vocab)
-    results = {}
+    results = {}  # {(step kind, dtype): times}
     for name, layer in (("phase_one", args.k), ("full", None)):
-        torch.manual_seed(0)
-        model = models.build_model(cfg, dtype=torch.float32, device=info.device)
-        parallel.apply_fsdp(model, info, param_dtype=compute)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
-        checkpoint.init_adamw_state(opt)
-        results[name] = time_step(model, opt, seqs, info, layer, args.k, args.repeats, token_budget=1 << 30)
-        del model, opt
-    med = {k: statistics.median(v) for k, v in results.items()}
-    ratio = med["phase_one"] / med["full"]
+        runs = {dt: build(cfg, info, dt) for dt in dtypes}  # the dtypes' models live together, one step kind at a time
+        for dt, times in time_steps(runs, seqs, info, layer, args.k, args.repeats, token_budget=1 << 30).items():
+            results[name, dt] = times
+        del runs
+    med = {key: statistics.median(v) for key, v in results.items()}
     ideal = ((args.k + 1) / args.layers * body + head) / (body + head)
+    by_dtype = {dt: {"ratio": med["phase_one", dt] / med["full", dt], "phase_one_s": med["phase_one", dt],
+                     "full_s": med["full", dt]} for dt in dtypes}
+    ratios = {f"{name}:bfloat16/float32": med[name, "bfloat16"] / med[name, "float32"]
+              for name in ("phase_one", "full") if len(dtypes) == 2}
     if info.is_main:
         print(f"model: {args.shape}, {args.layers} layers, H={args.hidden}, V={args.vocab}; "
               f"head = {head / (body + head):.1%} of forward FLOPs; "
               f"batch {args.seqs} x ({args.prompt_len} + {args.resp_len}) tokens; {info.device}")
-        print("| step | median s | min s | max s |\n|---|---|---|---|")
-        for k, v in results.items():
-            print(f"| {k} (layer {'k=' + str(args.k) if k == 'phase_one' else 'all'}) | {med[k]:.3f} | "
-                  f"{min(v):.3f} | {max(v):.3f} |")
-        print(f"phase-one / full step time: {ratio:.3f} (FLOP ratio {ideal:.3f}; target <= 0.30 at k=3)")
-    out = {"ratio": ratio, "flop_ratio": ideal, "phase_one_s": med["phase_one"], "full_s": med["full"],
-           "layers": args.layers, "k": args.k, "hidden": args.hidden, "vocab": args.vocab,
-           "device": str(info.device), "torch": torch.__version__, "shape": args.shape,
-           "dtype": str(compute).removeprefix("torch."), "tokens": args.seqs * (args.prompt_len + args.resp_len)}
+        print_report(results, med, by_dtype, ratios, args.k, ideal)
+    common = {"layers": args.layers, "k": args.k, "hidden": args.hidden, "vocab": args.vocab,
+              "device": str(info.device), "torch": torch.__version__, "shape": args.shape}
+    tokens = args.seqs * (args.prompt_len + args.resp_len)
+    if len(dtypes) == 1:  # the single-dtype keys, as gpu_check and its report read them
+        r = by_dtype[dtypes[0]]
+        out = {"ratio": r["ratio"], "flop_ratio": ideal, "phase_one_s": r["phase_one_s"], "full_s": r["full_s"],
+               **common, "dtype": dtypes[0], "tokens": tokens}
+    else:
+        out = {"flop_ratio": ideal, **common, "dtype": args.dtype, "tokens": tokens, "by_dtype": by_dtype,
+               "ratios": ratios, "goals": {k: f"<= {bound}" for k, bound in GOALS.items() if k in ratios}}
     if info.is_main:
         print(json.dumps(out))
     parallel.destroy(wait=True)
     return out
+
+
+def print_report(results: dict, med: dict, by_dtype: dict, ratios: dict, k: int, ideal: float) -> None:
+    """The table of step times, phase-one / full per dtype, and with two dtypes the bf16 / fp32 ratio lines."""
+    several = len(by_dtype) > 1
+    print("| step | median s | min s | max s |\n|---|---|---|---|")
+    for (name, dt), v in results.items():
+        print(f"| {name} (layer {'k=' + str(k) if name == 'phase_one' else 'all'}){' ' + dt if several else ''} | "
+              f"{med[name, dt]:.3f} | {min(v):.3f} | {max(v):.3f} |")
+    for dt, r in by_dtype.items():
+        print(f"phase-one / full step time{', ' + dt if several else ''}: {r['ratio']:.3f} "
+              f"(FLOP ratio {ideal:.3f}; target <= 0.30 at k=3)")
+    for key, value in ratios.items():
+        bound = GOALS.get(key)
+        goal = "" if bound is None else f" (goal <= {bound}: {'met' if value <= bound else 'not met'})"
+        name, dts = key.split(":")
+        print(f"{name} step time {dts.replace('/', ' / ')}: {value:.3f}{goal}")
 
 
 if __name__ == "__main__":

@@ -2,20 +2,30 @@
 
     python -m bupo.kernels.bench --shape qwen3-4b --tokens 16384 --dtype bfloat16 --mode both          # GPU
     python -m bupo.kernels.bench --shape custom --hidden 512 --vocab 151936 --tokens 2048 --dtype float32 --mode fwdbwd
+    bupo bench kernels --shape custom --hidden 512 --vocab 151936 --tokens 2048 --dtype float32,bfloat16 \
+        --mode fwdbwd --providers torch,products                                              # CPU: bf16 vs fp32
 
 Providers: naive (plain PyTorch, materializes [N, V] logits), torch (our chunked PyTorch path), torch-compile
 (the same under torch.compile), triton (our kernels; CUDA only), liger (Liger's fused linear cross entropy,
 log-prob only) and cce (Apple's cut-cross-entropy, log-prob only) when installed. Extra providers to measure
 the CPU denormal guard (use with --regime peaked): torch-noflush (guard off) and torch-ftz (guard off, but
-torch.set_flush_denormal(True) around the call, which only reaches the calling thread).
+torch.set_flush_denormal(True) around the call, which only reaches the calling thread). products: not an
+implementation but a timing floor, the bare matrix products the fused path needs in the input dtype (see
+_BareProducts); it computes no log-probs.
+
+Dtypes. --dtype takes one dtype or a comma list (float32,bfloat16): every provider in every dtype is timed in the
+same interleaved repeat loop, and after the table come ratio lines of median times: per dtype each provider over
+products, and each provider's time in a dtype over its time in float32. Where the issue set a goal for the CPU
+(fwd+bwd: bf16 torch <= 1.2x bf16 products, bf16 torch < 0.5x fp32 torch) it is printed next to the ratio.
 
 Method. "fwd" runs under torch.no_grad (old log-probs, entropy analysis); "fwdbwd" backpropagates
-sum(g_lp * logp + g_ent * entropy) with random g. Repeats are interleaved across providers (fair on a shared
-machine); times are median and p20/p80 wall-clock. TFLOP/s-equivalent counts 2NHV (fwd) or 8NHV (fwdbwd) for
+sum(g_lp * logp + g_ent * entropy) with random g. Repeats are interleaved across providers and dtypes (fair on a
+shared machine); times are median and p20/p80 wall-clock. TFLOP/s-equivalent counts 2NHV (fwd) or 8NHV (fwdbwd) for
 every provider. Activation memory is the peak of tensor bytes allocated during one step above what was
 allocated before it, not counting the dh/dW outputs: on CPU from the profiler's allocation events (running
 total and address of each), on CUDA from torch.cuda.max_memory_allocated; see peak_allocated_bytes.
-Each row is appended to --csv with device, versions and commit; the last stdout line is one JSON object.
+Each row is appended to --csv with its dtype, device, versions and commit; the last stdout line is one JSON object
+(with "ratios" and, where the issue set them, "goals").
 """
 import argparse
 import contextlib
@@ -37,9 +47,11 @@ from bupo.kernels.linear_logprob_entropy import linear_logprob_entropy, triton
 
 _LLE = sys.modules["bupo.kernels.linear_logprob_entropy"]
 SHAPES = {"qwen3-4b": (2560, 151936), "qwen3-8b": (4096, 151936), "llama3-8b": (4096, 128256)}
-PROVIDERS = ("naive", "torch", "torch-compile", "torch-noflush", "torch-ftz", "triton", "liger", "cce")
+PROVIDERS = ("naive", "torch", "torch-compile", "torch-noflush", "torch-ftz", "triton", "liger", "cce", "products")
 DEFAULT_PROVIDERS = "naive,torch,torch-compile,triton,liger,cce"
 LOGIT_STD = {"normal": 2.0, "peaked": 40.0, "flat": 0.01}
+DTYPES = ("float32", "bfloat16", "float16")
+GOALS = {"fwdbwd:torch/products:bfloat16": ("<=", 1.2), "fwdbwd:torch:bfloat16/float32": ("<", 0.5)}  # issue 20
 
 
 def peak_allocated_bytes(fn, device: str | torch.device = "cpu", outputs=lambda: ()) -> int:
@@ -109,6 +121,51 @@ def _cce(temperature: float):
     return lambda h, w, y: (-linear_cross_entropy(h / temperature, w, y, reduction="none"), None)
 
 
+def _bare_products(h: torch.Tensor, w: torch.Tensor, backward: bool):
+    """The products of one pass of the chunked torch path, nothing else, in h's dtype (bare torch.mm, output in
+    that dtype: bf16 in, bf16 out). Forward: z = h W^T. Backward: the recompute z, then dh += dz W and dW = dz^T h
+    with the recomputed tile standing in for dz. -> (dh [N, H], dW [V, H]) or (None, None)."""
+    N, V = h.shape[0], w.shape[0]
+    rows, cols = _LLE._tiles(N, V, _LLE.CHUNK_BYTES)
+    buf = torch.empty(rows * cols, dtype=h.dtype, device=h.device)  # one reused tile, as the torch path's
+    dh = torch.zeros_like(h) if backward else None
+    dw = torch.empty_like(w) if backward else None
+    for v0 in range(0, V, cols):
+        wc = w[v0: v0 + cols]  # [Vc, H]
+        for r0 in range(0, N, rows):
+            hr = h[r0: r0 + rows]  # [rows, H]
+            t = torch.mm(hr, wc.T, out=_LLE._tile(buf, hr.shape[0], wc.shape[0]))  # [rows, Vc] z (dz in backward)
+            if backward:
+                dh[r0: r0 + rows].addmm_(t, wc)
+                dwc = dw[v0: v0 + wc.shape[0]]
+                if r0 == 0:
+                    torch.mm(t.T, hr, out=dwc)
+                else:
+                    dwc.addmm_(t.T, hr)
+    return dh, dw
+
+
+class _BareProducts(torch.autograd.Function):
+    """The "products" provider: a timing floor, not an implementation. Only the matrix products the fused path
+    does, with its shapes: forward z = h W^T ([N, H] x [H, V], 2NHV); backward the recompute, dh = dz W
+    ([N, V] x [V, H]) and dW = dz^T h ([V, N] x [N, H]): 4 products, 8NHV, the count every provider is rated by.
+    In the input dtype: bf16 products are plain bf16 torch.mm (bf16 in and out, the hardware's bare bf16 speed),
+    fp32 ones fp32. Tiling: the torch path's own [rows, Vc] tiles (_tiles, V chunks outer), not one [N, V]
+    product, because that is the fairest floor: the same GEMM shapes, and no [N, V] result written to memory and
+    read back (traffic the fused path never has, which would make the floor slower than the products it bounds).
+    It returns zeros for log-probs (so the bench's loss and backward run unchanged) and no entropy."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        _bare_products(h, w, backward=False)
+        return h.new_zeros(h.shape[0])  # [N] no log-probs
+
+    @staticmethod
+    def backward(ctx, g):
+        return _bare_products(*ctx.saved_tensors, backward=True)
+
+
 def make_provider(name: str, device: torch.device, temperature: float):
     """-> (fn(h, w, y) -> (logp, entropy or None), context for the whole step, None) or (None, None, reason)."""
     cuda_only = {"triton": "triton", "liger": "liger_kernel", "cce": "cut_cross_entropy"}
@@ -126,6 +183,7 @@ def make_provider(name: str, device: torch.device, temperature: float):
         "triton": lambda: _ours("triton", temperature),
         "liger": lambda: _liger(temperature),
         "cce": lambda: _cce(temperature),
+        "products": lambda: lambda h, w, y: (_BareProducts.apply(h, w), None),
     }
     ctx = {"torch-noflush": lambda: _no_flush(False), "torch-ftz": lambda: _no_flush(True)}
     return makers[name](), ctx.get(name, contextlib.nullcontext), None
@@ -172,25 +230,41 @@ def activation_bytes(step, inputs, device: torch.device) -> int:
     return peak
 
 
-def run_mode(mode, providers, inputs, device, repeats) -> dict[str, dict]:
+def run_mode(mode, providers, inputs, device, repeats) -> dict[tuple[str, str], dict]:
+    """inputs: {dtype name: make_inputs(...)}. -> {(provider, dtype name): result}."""
     steps, res = {}, {}
-    for name, (fn, ctx) in providers.items():
-        try:  # warm-up (and compile); an optional provider that fails here is reported as skipped
-            steps[name] = make_step(fn, ctx, inputs, mode)
-            timed(steps[name], device)
-        except Exception as e:  # noqa: BLE001 (third-party/compile failures must not end the benchmark)
-            res[name] = {"status": f"skip: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-            steps.pop(name, None)
-    times = {name: [] for name in steps}
-    for _ in range(repeats):  # interleaved, so a busy neighbour slows every provider alike
-        for name, step in steps.items():
-            times[name].append(timed(step, device))
-    for name, step in steps.items():
-        ts = sorted(times[name])
+    for dt, inp in inputs.items():
+        for name, (fn, ctx) in providers.items():
+            key = name, dt
+            try:  # warm-up (and compile); an optional provider that fails here is reported as skipped
+                steps[key] = make_step(fn, ctx, inp, mode)
+                timed(steps[key], device)
+            except Exception as e:  # noqa: BLE001 (third-party/compile failures must not end the benchmark)
+                res[key] = {"status": f"skip: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+                steps.pop(key, None)
+    times = {key: [] for key in steps}
+    for _ in range(repeats):  # interleaved over providers and dtypes, so a busy neighbour slows all alike
+        for key, step in steps.items():
+            times[key].append(timed(step, device))
+    for key, step in steps.items():
+        ts = sorted(times[key])
         q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else [ts[0]] * 4
-        res[name] = {"status": "ok", "median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * q[0],
-                     "p80_ms": 1e3 * q[3], "act_mb": activation_bytes(step, inputs, device) / 2**20}
+        res[key] = {"status": "ok", "median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * q[0],
+                    "p80_ms": 1e3 * q[3], "act_mb": activation_bytes(step, inputs[key[1]], device) / 2**20}
     return res
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """Ratios of median times from one run: "mode:provider/products:dtype" (each provider over the bare products
+    in the same dtype) and "mode:provider:dtype/float32" (a provider in another dtype over itself in float32)."""
+    med = {(r["mode"], r["provider"], r["dtype"]): r["median_ms"] for r in rows if r["status"] == "ok"}
+    out = {}
+    for (mode, name, dt), ms in med.items():
+        if name != "products" and (mode, "products", dt) in med:
+            out[f"{mode}:{name}/products:{dt}"] = ms / med[mode, "products", dt]
+        if dt != "float32" and (mode, name, "float32") in med:
+            out[f"{mode}:{name}:{dt}/float32"] = ms / med[mode, name, "float32"]
+    return out
 
 
 # --- reporting --------------------------------------------------------------------------------------------
@@ -230,13 +304,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog=_prog(), description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    example = (f"bf16 vs fp32 on the CPU, each against its bare products (ratio lines after the table):\n  {_prog()} "
+               "--shape custom --hidden 512 --vocab 151936 --tokens 2048 --dtype float32,bfloat16 --mode fwdbwd "
+               "--providers torch,products")
+    p = _Parser(prog=_prog(), description=__doc__.split("\n\n")[0], epilog=example, formatter_class=_HelpFormatter)
     p.add_argument("--shape", choices=[*SHAPES, "custom"], default="qwen3-4b", help="model whose H and V to use")
     p.add_argument("--hidden", type=int, help="H for --shape custom (no default)")
     p.add_argument("--vocab", type=int, help="V for --shape custom (no default)")
     p.add_argument("--tokens", type=int, help="N rows (default 16384 on CUDA, 256 on CPU)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="input dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", default=None,
+                   help=f"input dtype, one of {','.join(DTYPES)}, or a comma list of them timed side by side with "
+                        "ratio lines (default bfloat16 on CUDA, float32 on CPU; on a CPU without bf16 units bf16 "
+                        "products are emulated and slow)")
     p.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both",
                    help="forward only, forward + backward, or both")
     p.add_argument("--providers", default=DEFAULT_PROVIDERS, help=f"comma-separated subset of {','.join(PROVIDERS)}")
@@ -254,6 +333,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.providers.split(",")) - set(PROVIDERS)
     if unknown:
         p.error(f"--providers: unknown {sorted(unknown)}; valid: {','.join(PROVIDERS)}")
+    dtypes = (args.dtype or "float32").split(",")
+    if set(dtypes) - set(DTYPES) or len(set(dtypes)) < len(dtypes):
+        p.error(f"--dtype={args.dtype}: give one of {','.join(DTYPES)} or a comma list of them, each once")
     return args
 
 
@@ -278,10 +360,11 @@ def main(argv=None) -> dict:
     on_gpu = device.type == "cuda"
     H, V = (args.hidden, args.vocab) if args.shape == "custom" else SHAPES[args.shape]
     N = args.tokens or (16384 if on_gpu else 256)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    dtypes = (args.dtype or ("bfloat16" if on_gpu else "float32")).split(",")
     repeats = args.repeats or (10 if on_gpu else 3)
     env = environment(device)
-    print(f"# {args.shape} N={N} H={H} V={V} {dtype} T={args.temperature} regime={args.regime} on {env['device']} "
+    shown = str(getattr(torch, dtypes[0])) if len(dtypes) == 1 else ",".join(dtypes)
+    print(f"# {args.shape} N={N} H={H} V={V} {shown} T={args.temperature} regime={args.regime} on {env['device']} "
           f"(torch {env['torch']}, triton {env['triton']}, commit {env['commit']})", flush=True)
     providers, rows = {}, []
     for name in args.providers.split(","):
@@ -291,23 +374,26 @@ def main(argv=None) -> dict:
             rows.append({"provider": name, "status": f"skip: {reason}"})
         else:
             providers[name] = fn, ctx
-    inputs = make_inputs(N, H, V, dtype, device, args.regime)
+    inputs = {dt: make_inputs(N, H, V, getattr(torch, dt), device, args.regime) for dt in dtypes}
     for mode in (["fwd", "fwdbwd"] if args.mode == "both" else [args.mode]):
         res = run_mode(mode, providers, inputs, device, repeats)
         flops = (2 if mode == "fwd" else 8) * N * H * V
-        base = res.get("naive", {})
-        for name, r in res.items():
+        for (name, dt), r in res.items():
+            base = res.get(("naive", dt), {})
             if r["status"] == "ok":
                 r["tflops_eq"] = flops / (r["median_ms"] * 1e-3) / 1e12
                 if base.get("status") == "ok":
                     r["time_vs_naive"] = r["median_ms"] / base["median_ms"]
                     r["mem_vs_naive"] = r["act_mb"] / base["act_mb"] if base["act_mb"] > 0 else float("nan")
-            rows.append({"provider": name, "mode": mode, **r})
-    meta = {"shape": args.shape, "N": N, "H": H, "V": V, "dtype": args.dtype or str(dtype).split(".")[-1],
+            rows.append({"provider": name, "mode": mode, "dtype": dt, **r})
+    meta = {"shape": args.shape, "N": N, "H": H, "V": V, "dtype": ",".join(dtypes),
             "temperature": args.temperature, "regime": args.regime, **env}
     print_table(rows)
+    ratio = ratios(rows)
+    print_ratios(ratio)
     write_csv(args.csv, meta, rows)
-    out = {"bench": "linear_logprob_entropy", **meta, "results": rows}
+    out = {"bench": "linear_logprob_entropy", **meta, "results": rows, "ratios": ratio,
+           "goals": {k: f"{op} {bound}" for k, (op, bound) in GOALS.items() if k in ratio}}
     print(json.dumps(out, default=float))
     return out
 
@@ -317,15 +403,27 @@ COLUMNS = ["provider", "mode", "status", "median_ms", "p20_ms", "p80_ms", "tflop
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'provider':<14}{'mode':<8}{'median ms':>11}{'p20 ms':>11}{'p80 ms':>11}{'TFLOP/s-eq':>11}"
+    print(f"{'provider':<14}{'mode':<8}{'dtype':<10}{'median ms':>11}{'p20 ms':>11}{'p80 ms':>11}{'TFLOP/s-eq':>11}"
           f"{'act MB':>10}{'t/naive':>9}{'mem/naive':>10}")
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['provider']:<14}{r.get('mode', '-'):<8}  {r['status']}")
+            print(f"{r['provider']:<14}{r.get('mode', '-'):<8}{r.get('dtype', '-'):<10}  {r['status']}")
             continue
-        print(f"{r['provider']:<14}{r['mode']:<8}{r['median_ms']:>11.1f}{r['p20_ms']:>11.1f}{r['p80_ms']:>11.1f}"
-              f"{r['tflops_eq']:>11.4f}{r['act_mb']:>10.1f}{r.get('time_vs_naive', math.nan):>9.2f}"
+        print(f"{r['provider']:<14}{r['mode']:<8}{r['dtype']:<10}{r['median_ms']:>11.1f}{r['p20_ms']:>11.1f}"
+              f"{r['p80_ms']:>11.1f}{r['tflops_eq']:>11.4f}{r['act_mb']:>10.1f}{r.get('time_vs_naive', math.nan):>9.2f}"
               f"{r.get('mem_vs_naive', math.nan):>10.4f}")
+    if any(r["provider"] == "products" for r in rows):
+        print("(products: the bare matrix products of the fused path in that dtype, a timing floor; no log-probs)")
+
+
+def print_ratios(ratio: dict[str, float]) -> None:
+    for key, value in ratio.items():
+        goal = ""
+        if key in GOALS:
+            op, bound = GOALS[key]
+            met = value <= bound if op == "<=" else value < bound
+            goal = f"  (goal {op} {bound}: {'met' if met else 'not met'})"
+        print(f"ratio {key} = {value:.3f}{goal}")
 
 
 def write_csv(path: str, meta: dict, rows: list[dict]) -> None:

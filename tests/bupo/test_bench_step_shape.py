@@ -1,4 +1,7 @@
-"""bupo.bench.step --shape: the Qwen3-0.6B preset the GPU check times (built on the meta device: no weights)."""
+"""bupo.bench.step: the Qwen3-0.6B preset the GPU check times (built on the meta device: no weights), and --dtype
+(honoured on the CPU; a comma list times both dtypes with ratios) on a tiny model."""
+
+import math
 
 import pytest
 
@@ -19,3 +22,29 @@ def test_qwen3_0_6b_preset_is_qwen3_0_6b():
 def test_preset_refuses_model_flags():
     with pytest.raises(ValueError, match="--layers, --vocab: --shape qwen3-0.6b fixes the model"):
         main(["--shape", "qwen3-0.6b", "--layers", "3", "--vocab", "10"])
+
+
+TINY = ["--layers", "2", "--hidden", "64", "--vocab", "128", "--k", "0", "--seqs", "2", "--prompt-len", "4",
+        "--resp-len", "4", "--repeats", "1", "--device", "cpu"]
+
+
+def test_dtype_list_times_both_dtypes_with_ratios():
+    out = main([*TINY, "--dtype", "bfloat16,float32"])
+    assert out["dtype"] == "bfloat16,float32" and set(out["by_dtype"]) == {"bfloat16", "float32"}
+    assert all(r["phase_one_s"] > 0 and r["full_s"] > 0 for r in out["by_dtype"].values())
+    assert set(out["ratios"]) == {"phase_one:bfloat16/float32", "full:bfloat16/float32"}
+    assert all(math.isfinite(v) and v > 0 for v in out["ratios"].values())
+    assert out["goals"] == {"full:bfloat16/float32": "<= 0.4"}
+
+
+def test_bf16_is_honoured_on_the_cpu_and_single_dtype_keys_stay():
+    out = main(TINY)  # the default --dtype bfloat16
+    assert out["dtype"] == "bfloat16" and out["device"] == "cpu"
+    assert list(out) == ["ratio", "flop_ratio", "phase_one_s", "full_s", "layers", "k", "hidden", "vocab", "device",
+                         "torch", "shape", "dtype", "tokens"]
+
+
+def test_bad_dtype_names_the_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*TINY, "--dtype", "bfloat16,fp8"])
+    assert e.value.code == 2 and "error: --dtype=bfloat16,fp8: give bfloat16 or float32" in capsys.readouterr().err

@@ -502,6 +502,7 @@ def test_gpu_check_errors_are_one_line(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--shape", "custom", "--tokens", "8"], "--shape custom needs --hidden and --vocab"),
     (["--providers", "naive,bogus"], "--providers: unknown ['bogus']"),
+    (["--dtype", "float32,fp8"], "--dtype=float32,fp8: give one of float32,bfloat16,float16 or a comma list"),
 ])
 def test_kernel_bench_usage_errors_are_one_line(args, needle):
     proc = _run([sys.executable, "-m", "bupo.kernels.bench", *args])
