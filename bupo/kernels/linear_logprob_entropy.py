@@ -313,7 +313,7 @@ def _torch_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int, need: tu
     bf16 = _bf16_products(h)  # then the products see h itself (bf16 values); the scales move to the tiles
     hs = h.to(cd) * inv_t  # [N, H] recompute input
     hp = h.to(cd) if bf16 else hs  # [N, H] product input of the recompute and of dW
-    hr = hp if bf16 else hs * r[:, None]  # [N, H] dW input
+    hr = None if bf16 else hs * r[:, None]  # [N, H] dW input
     dh = torch.zeros(N, H, dtype=cd, device=dev) if need[0] else None
     dw = (torch.empty if N else torch.zeros)(V, H, dtype=w.dtype, device=dev) if need[1] else None
     rows, cols = _tiles(N, V, chunk_bytes)
@@ -336,10 +336,11 @@ def _torch_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int, need: tu
                 t.mul_(beta[sl, None]).add_(gamma[sl, None]).mul_(p)  # dz / r without the label term
                 flat = torch.arange(t.shape[0], device=dev) * vc + col_y[sl]
                 t.view(-1).index_add_(0, flat, at_y[sl])  # dz / r
+                if bf16:  # dz rounded to bf16 (as the Triton backward's dz chunk): bare bf16 products, fp32 sums
+                    _bf16_grad_products(t, w[v0: v0 + vc], h[sl], (r[sl] * inv_t)[:, None], dh, dwc, sl, r0 == 0)
+                    continue
                 if dh is not None:
                     dh[sl].addmm_(t, wc)
-                if dwc is not None and bf16:
-                    t.mul_((r[sl] * inv_t)[:, None])  # dz, so that dW's other factor is h itself
                 if dwc is not None and r0 == 0:
                     torch.mm(t.T, hr[sl], out=dwc)
                 elif dwc is not None:
@@ -349,6 +350,21 @@ def _torch_backward(h, w, y, lse, coef, inv_t: float, chunk_bytes: int, need: tu
     if dh is not None:
         dh = dh.mul_(r[:, None] * inv_t).to(h.dtype)
     return dh, dw
+
+
+def _bf16_grad_products(t, wc, h, scale, dh, dwc, sl: slice, first: bool) -> None:
+    """The backward's two products for one tile on bf16 units, from dz rounded to bf16 once: dh[sl] += (dz / r) W_c
+    and dW_c (+)= dz^T h. t [rows, Vc] fp32 holds dz / r (and dz after this); wc [Vc, H], h [rows, H] bf16; scale
+    [rows, 1] = r / T. bf16 x bf16 products accumulate in fp32 on the CPU's units and return bf16: each tile's part is
+    rounded once to bf16 and summed in fp32 (dh, dwc)."""
+    if dh is not None:
+        dh[sl].add_(torch.mm(t.to(torch.bfloat16), wc))
+    if dwc is not None:
+        part = torch.mm(t.mul_(scale).to(torch.bfloat16).T, h)  # [Vc, H]: dz^T h
+        if first:
+            dwc.copy_(part)
+        else:
+            dwc.add_(part)
 
 
 # --- autograd ---------------------------------------------------------------------------------------------
