@@ -44,9 +44,9 @@ class ModelConfig:
     # the default loads anywhere (its context takes the demo's lengths, not the recipe's 1024 + 8192); the recipe's
     # model is a local folder (Qwen3-4B: launch/configs/bupo_qwen3_4b.toml)
     path: str = "smollm2"  # HF folder (config.json + safetensors), or "smollm2": the packaged SmolLM2-135M-Instruct
-    # compute dtype on every device (GPU or CPU): weights, activations and matrix products; master weights and AdamW
-    # state stay fp32, log-probs and entropies are fp32-accurate (logits are never rounded to bf16). bfloat16 uses a
-    # CPU's bf16 matrix units where it has them; float32 is what the exactness tests use
+    # compute dtype on every device, GPU or CPU: weights, activations, matrix products (master weights, AdamW: fp32)
+    # log-probs and entropies stay fp32-accurate: logits are never rounded to bf16
+    # bfloat16 uses a CPU's bf16 matrix units where it has them; float32 is what the exactness tests use
     dtype: str = "bfloat16"
     activation_checkpointing: bool = False  # keep only each decoder layer's input, recompute it in backward
     compile: bool = False  # torch.compile the norms and MLPs (inductor), dynamic in the packed length; attention eager
