@@ -258,6 +258,8 @@ def _fmt(x: float | None, metric: str, signed: bool = False) -> str:
     if x is None:
         return "-"
     digits = 1 if metric == "response_len_mean" else 3
+    if x != 0 and abs(x) < 0.5 * 10**-digits:  # fixed digits would show 0 (e.g. logp_mismatch): 3 significant ones
+        return f"{x:+.3g}" if signed else f"{x:.3g}"
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
