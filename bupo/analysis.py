@@ -165,11 +165,15 @@ def layer_diagnostics(model, input_ids: torch.Tensor, k: int, *, cu_seqlens: tor
     n = hs[k].shape[0]
     if n == 0:
         raise ValueError("layer_diagnostics: the mask selects no positions")
+    # fp32 logits, never rounded to bf16 (in a bf16 model a bf16 product would round them by up to ~0.06); a 16-bit
+    # head on a CPU is upcast once here, not in every product
+    E32 = E.float() if E.device.type == "cpu" and E.dtype in (torch.bfloat16, torch.float16) else None
     for s in range(0, n, chunk_rows):
-        # fp32 logits, never rounded to bf16 (in a bf16 model a bf16 product would round them by up to ~0.06)
-        logp_k = F.log_softmax(kernels.fp32_logits(hs[k][s:s + chunk_rows], E) / temperature, dim=-1)  # [c, V]
+        logp_k = F.log_softmax(kernels.fp32_logits(hs[k][s:s + chunk_rows], E, weight_fp32=E32) / temperature,
+                               dim=-1)  # [c, V]
         for j, h in enumerate(later):
-            logp_l = F.log_softmax(kernels.fp32_logits(h[s:s + chunk_rows], E) / temperature, dim=-1)  # [c, V]
+            logp_l = F.log_softmax(kernels.fp32_logits(h[s:s + chunk_rows], E, weight_fp32=E32) / temperature,
+                                   dim=-1)  # [c, V]
             kl[j] += (logp_k.exp() * (logp_k - logp_l)).sum().item()
     kl = [x / n for x in kl]
     return {"layers": list(range(k + 1, L)), "cos": cos[:-1], "kl": kl[:-1], "cos_final": cos[-1],

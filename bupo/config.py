@@ -41,13 +41,13 @@ from bupo.cli import check_context, check_out_dir, prog
 class ModelConfig:
     """The policy model and how it is computed."""
 
-    # the default loads anywhere (its context takes the demo's lengths, not the recipe's 1024 + 8192); the recipe's
-    # model is a local folder (Qwen3-4B: launch/configs/bupo_qwen3_4b.toml)
+    # the default loads anywhere (its context takes the demo's lengths, not the recipe's 1024 + 8192)
+    # the recipe's model is a local folder (Qwen3-4B: launch/configs/bupo_qwen3_4b.toml)
     path: str = "smollm2"  # HF folder (config.json + safetensors), or "smollm2": the packaged SmolLM2-135M-Instruct
     # compute dtype on every device, GPU or CPU: weights, activations, matrix products (master weights, AdamW: fp32)
     # log-probs and entropies stay fp32-accurate: logits are never rounded to bf16
     # bfloat16 uses a CPU's bf16 matrix units where it has them; float32 is what the exactness tests use
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32
     activation_checkpointing: bool = False  # keep only each decoder layer's input, recompute it in backward
     compile: bool = False  # torch.compile the norms and MLPs (inductor), dynamic in the packed length; attention eager
     liger: str = "auto"  # liger-kernel fused RMSNorm/RoPE/SwiGLU: auto (CUDA + installed), on (required), off

@@ -78,7 +78,6 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
     path = models.resolve_model_path(cfg.model.path, flag="model.path")
     tok = Tokenizer.from_pretrained(path)
     compute_dtype = DTYPES[cfg.model.dtype]  # the same policy on every device: fp32 master weights, see parallel
-    log(describe_precision(compute_dtype, info.device))
     model = models.build_meta(path)  # config.json only: validated before any weight is read
     cfg.validate(num_layers=model.config.num_hidden_layers, world_size=info.world_size,
                  tokenizer_vocab=tok.vocab_size, model_vocab=model.config.vocab_size,
@@ -103,6 +102,7 @@ def setup(cfg: Config, info: parallel.DistInfo) -> Run:
     if k == "auto":
         k = choose_internal_layer(cfg, model, engine, tok, train_prompts, log)
     save_config(cfg, k, out, info, log)
+    log(describe_precision(compute_dtype, info.device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     checkpoint.init_adamw_state(optimizer)
@@ -133,7 +133,7 @@ def describe_precision(compute_dtype: torch.dtype, device: torch.device) -> str:
     line = f"[model] compute {name} on {device.type}, fp32 master weights and AdamW state, fp32 log-probs"
     if device.type == "cpu" and compute_dtype == torch.bfloat16:
         if bf16_units(torch.empty(0, dtype=torch.bfloat16)):
-            line += " (bf16 matrix products on this CPU's bf16 units)"
+            line += " (this CPU has bf16 matrix units)"
         else:
             line += " (this CPU or torch has no bf16 matrix units: bf16 is emulated, model.dtype=float32 is faster)"
     elif device.type == "cpu" and compute_dtype == torch.float16:
@@ -181,10 +181,32 @@ def save_config(cfg: Config, k: int, out: Path, info: parallel.DistInfo, log) ->
     no other run (checkpoint.check_resume_config)."""
     resolved = cfg.to_dict()
     resolved["bupo"]["internal_layer_resolved"] = k
+    resolved["model"]["dtype_resolved"] = cfg.model.dtype  # what the run computes in (see precision_change)
     checkpoint.check_resume_config(out, resolved, info)
     if info.is_main:
+        change = precision_change(out, cfg.model.dtype, info.device)
+        if change:
+            warnings.warn(change, stacklevel=2)
         (out / "config.json").write_text(json.dumps(resolved, indent=1))
         log("[config] " + json.dumps(resolved))
+
+
+def precision_change(out: Path, dtype: str, device: torch.device) -> str | None:
+    """A warning when out_dir holds a checkpointed run that computed in float32 whatever model.dtype said (versions
+    before model.dtype applied to CPUs: their config.json has no model.dtype_resolved) and this CPU run resumes it
+    in another dtype: from here on its numbers are that dtype's."""
+    if device.type != "cpu" or dtype == "float32" or checkpoint.latest(out) is None:
+        return None
+    try:
+        saved = json.loads((out / "config.json").read_text()).get("model", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    if "dtype_resolved" in saved:
+        return None
+    return (f"trainer.out_dir={str(out)!r}: this run was checkpointed by a version that computed in float32 on a CPU "
+            f"whatever model.dtype said; it resumes computing in {dtype} (model.dtype applies to CPUs now), so its "
+            "later steps are not comparable with its earlier ones. To continue it in float32, start it again in "
+            "another trainer.out_dir with --model.dtype=float32")
 
 
 def reference_model(path: Path, info: parallel.DistInfo, compute_dtype: torch.dtype, liger: bool) -> nn.Module:

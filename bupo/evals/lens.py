@@ -67,7 +67,7 @@ def _topk_pass(x: torch.Tensor, E: torch.Tensor, target: torch.Tensor, k: int, i
     top_i = torch.empty(N, 0, dtype=torch.long, device=x.device)
     rows = torch.arange(N, device=x.device)
     for c0 in range(0, V, chunk):
-        z = fp32_logits(x, E[c0 : c0 + chunk]).to(f) * inv_t  # [N, C] logits tile (bf16 units for bf16 x, E)
+        z = fp32_logits(x, E[c0 : c0 + chunk]).to(f) * inv_t  # [N, C] fp32 logits tile
         new_m = torch.maximum(m, z.max(-1).values)
         s = s * torch.exp(m - new_m) + torch.exp(z - new_m[:, None]).sum(-1)
         m = new_m

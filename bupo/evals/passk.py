@@ -30,8 +30,8 @@ from bupo.metrics import plot_text
 
 SETTINGS = ("model", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "enable_thinking",
             "max_prompt_length", "chat_template", "seed_scheme", "dtype")
-# settings added after the first release: a settings file without one was written with its value of that time
-ADDED = {"dtype": "auto"}
+# settings added after the first release: a settings file without one was written with the value they stand for
+# then (dtype: bf16 on CUDA, fp32 on a CPU, i.e. what --dtype auto resolves to on this machine)
 # How samples are seeded, recorded with the settings. 1 (files without the key, written before it existed): one
 # seed per batch of problems, from the batch's first problem; 2: per sample, the scheme of bupo.rollout.interface.
 SEED_SCHEME = 2
@@ -83,8 +83,10 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def check_settings(out: Path, settings: dict) -> None:
-    """The first run records the sampling settings; a rerun into the same --out must use the same ones."""
+def check_settings(out: Path, settings: dict, added: dict | None = None) -> None:
+    """The first run records the sampling settings; a rerun into the same --out must use the same ones. `added`:
+    the values that settings added later stand for in a file written before them."""
+    added = added or {}
     path = out / "passk_settings.json"
     if path.exists():
         try:
@@ -100,7 +102,7 @@ def check_settings(out: Path, settings: dict) -> None:
                              f"(seed, dataset, problem, sample) (scheme {settings['seed_scheme']}), so new samples "
                              "would not be the ones that run would have drawn. Use a fresh --out, or delete the "
                              "old one to start over")
-        diff = {k: (old.get(k, ADDED.get(k)), settings[k]) for k in SETTINGS if old.get(k, ADDED.get(k)) != settings[k]}
+        diff = {k: (old.get(k, added.get(k)), settings[k]) for k in SETTINGS if old.get(k, added.get(k)) != settings[k]}
         if diff:
             raise ValueError(f"--out {out} holds generations made with other settings {diff} (old, new); "
                              "use a fresh --out or the same settings")
@@ -143,13 +145,13 @@ def read_template(path: str) -> str:
         raise ValueError(f"--chat-template {path}: not UTF-8 text ({e})") from None
 
 
-def engine_dtype(name: str, device_type: str):
-    """--dtype as a torch dtype: auto is bfloat16 on CUDA and float32 on a CPU."""
+def engine_dtype(name: str) -> str:
+    """--dtype resolved on this machine: auto is bfloat16 on CUDA and float32 on a CPU."""
     import torch
 
     if name == "auto":
-        name = "bfloat16" if device_type == "cuda" else "float32"
-    return getattr(torch, name)
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    return name
 
 
 def make_engine(kind: str, path: Path, tok, args):
@@ -159,7 +161,7 @@ def make_engine(kind: str, path: Path, tok, args):
     from bupo.rollout.engine import make_engine as engine_for
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return engine_for(kind, path, device=device, dtype=engine_dtype(args.dtype, device.type),
+    return engine_for(kind, path, device=device, dtype=getattr(torch, engine_dtype(args.dtype)),
                       vocab_size=tok.vocab_size, max_batch_size=args.max_batch_size, seed=args.seed,
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       tensor_parallel_size=args.tensor_parallel_size,
@@ -301,7 +303,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine", choices=("builtin", "vllm", "auto"), default="auto")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="the engine's compute dtype; auto: bfloat16 on CUDA, float32 on a CPU (bfloat16 there uses "
-                        "its bf16 matrix units, logits stay fp32)")
+                        "its bf16 matrix units where it has them, logits stay fp32)")
     p.add_argument("--max-prompts", type=int, default=0, help="first N problems of each dataset (0: all)")
     p.add_argument("--arithmetic-size", type=int, default=64, help="problems of the built-in 'arithmetic' set")
     p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
@@ -343,8 +345,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     settings = {"model": str(path), "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, "enable_thinking": args.enable_thinking,
                 "max_prompt_length": args.max_prompt_length, "chat_template": args.chat_template,
-                "seed_scheme": SEED_SCHEME, "dtype": args.dtype}
-    check_settings(out, settings)
+                "seed_scheme": SEED_SCHEME, "dtype": engine_dtype(args.dtype)}
+    check_settings(out, settings, added={"dtype": engine_dtype("auto")})
     tok = Tokenizer.from_pretrained(path)
     problems = load_problems(args.data, tok, args)
     gen_path = out / "generations.jsonl"

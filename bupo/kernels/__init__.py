@@ -3,7 +3,7 @@
 linear_logprob_entropy(hidden, weight, labels, *, temperature, ignore_index, backend) -> (logp, entropy)
 linear_entropy(hidden, weight, *, temperature, backend) -> entropy          (forward only)
 linear_entropy_many(hiddens, weight, *, temperature, backend) -> [entropy]  (one pass over weight)
-fp32_logits(hidden, weight) -> logits [N, V] fp32, never rounded to bf16 (bf16 matrix units where the CPU has them)
+fp32_logits(hidden, weight) -> logits [N, V] fp32, never rounded to bf16 (bupo/kernels/products.py)
 Microbenchmarks: python -m bupo.kernels.bench --help
 """
 from bupo.kernels.linear_entropy import linear_entropy, linear_entropy_many

@@ -150,9 +150,11 @@ class _BareProducts(torch.autograd.Function):
     does, with its shapes: forward z = h W^T ([N, H] x [H, V], 2NHV); backward the recompute, dh = dz W
     ([N, V] x [V, H]) and dW = dz^T h ([V, N] x [N, H]): 4 products, 8NHV, the count every provider is rated by.
     In the input dtype: bf16 products are plain bf16 torch.mm (bf16 in and out, the hardware's bare bf16 speed),
-    fp32 ones fp32. Tiling: the torch path's own [rows, Vc] tiles (_tiles, V chunks outer), not one [N, V]
-    product, because that is the fairest floor: the same GEMM shapes, and no [N, V] result written to memory and
-    read back (traffic the fused path never has, which would make the floor slower than the products it bounds).
+    fp32 ones fp32 (fp16 ones too run as plain torch.mm, which has no fast CPU kernel: there it is no floor, the
+    torch path converts fp16 to fp32 and is faster). Tiling: the torch path's own [rows, Vc] tiles (_tiles, V
+    chunks outer), not one [N, V] product, because that is the fairest floor: the same GEMM shapes, and no [N, V]
+    result written to memory and read back (traffic the fused path never has, which would make the floor slower
+    than the products it bounds).
     It returns zeros for log-probs (so the bench's loss and backward run unchanged) and no entropy."""
 
     @staticmethod
@@ -333,7 +335,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.providers.split(",")) - set(PROVIDERS)
     if unknown:
         p.error(f"--providers: unknown {sorted(unknown)}; valid: {','.join(PROVIDERS)}")
-    dtypes = (args.dtype or "float32").split(",")
+    dtypes = (args.dtype if args.dtype is not None else "float32").split(",")
     if set(dtypes) - set(DTYPES) or len(set(dtypes)) < len(dtypes):
         p.error(f"--dtype={args.dtype}: give one of {','.join(DTYPES)} or a comma list of them, each once")
     return args

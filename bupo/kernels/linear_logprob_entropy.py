@@ -24,13 +24,15 @@ Backends (all share the math above; "naive" is the spec the others are tested ag
   (torch.addmm / torch.mm with out_dtype=float32, see _addmm_fp32). Runs on CUDA, and on CPU under
   TRITON_INTERPRET=1 (how the tests run it; triton 3.4, 3.5, 3.6 and 3.9 checked there).
 - "torch": the same tiling with PyTorch ops on [rows, Vc] tiles of at most CHUNK_BYTES, V chunks outer (W is
-  read once per pass); the CPU default. Tiles are fp32; with bf16 inputs on a CPU with bf16 matrix units the
-  products run there with fp32 accumulation and fp32 output (oneDNN's bf16 math mode, scoped to the products:
-  bupo.kernels.products), so logits keep fp32 accuracy, and the backward's dz is rounded to bf16 for its two
-  products as the Triton backward's dz chunk is. CPU GEMMs on denormal floats ran ~200x slower here, and
-  torch.set_flush_denormal only reaches the calling thread (not the OpenMP workers), so no global state is
-  touched; instead log-probs below -FLUSH_BELOW are clamped (adds < V exp(-50) relative mass) and dz is
-  normalized per row, so no tile holds a denormal.
+  read once per pass); the CPU default. Tiles are fp32. With bf16 inputs on a CPU with bf16 support, the logit
+  products (forward and the backward's recompute) take the bf16 values upcast to fp32 under oneDNN's bf16 math
+  mode (bupo.kernels.products: exact products, fp32 accumulation and result, so logits keep fp32 accuracy; at fp32
+  speed where oneDNN keeps its fp32 kernel, as on the CI machine), and the backward's dz is rounded to bf16 once
+  per tile, as the Triton backward's dz chunk is, for its two products, which run as plain bf16 products on the
+  bf16 units (fp32 accumulation, each tile's part rounded once to bf16 and summed in fp32). CPU GEMMs on
+  denormal floats ran ~200x slower here, and torch.set_flush_denormal only reaches the calling thread (not the
+  OpenMP workers), so no global state is touched; instead log-probs below -FLUSH_BELOW are clamped (adds
+  < V exp(-50) relative mass) and dz is normalized per row, so no tile holds a denormal.
 - "naive": a plain PyTorch model's computation (logits = h @ W^T in the input dtype, then fp32 log-softmax).
 - "auto": "triton" for CUDA tensors, "torch" otherwise.
 """

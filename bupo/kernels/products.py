@@ -1,17 +1,20 @@
-"""Matrix products of bf16 operands with fp32 accumulation and an fp32 result, at the speed of bf16 matrix units.
+"""Matrix products of bf16 operands with fp32 accumulation and an fp32 result: logits never rounded to bf16.
 
-    logits = fp32_logits(hidden, weight)       # hidden [N, H], weight [V, H] -> [N, V] fp32, never rounded to bf16
+    logits = fp32_logits(hidden, weight)       # hidden [N, H], weight [V, H] -> [N, V] fp32
 
 A plain bf16 product returns bf16: logits of size ~30 come back rounded by up to 0.06 (half an ulp of 2^-3), far
 too coarse for log-probs. Eager PyTorch has no bf16 x bf16 -> fp32 product on the CPU (`torch.mm(..., out_dtype=)`
-is CUDA-only), but oneDNN has a "bf16 math mode" for fp32 products (torch.backends.mkldnn.matmul.fp32_precision =
-"bf16", torch >= 2.9): it rounds fp32 operands to bf16 and multiplies them on the bf16 units (AMX-BF16,
-AVX512-BF16) with fp32 accumulation. For operands that are bf16 values upcast to fp32 that rounding is exact, so the
-result is the fp32-accumulated product of the bf16 operands. `fp32_products_in_bf16` sets the mode only around a
-block of products and restores it afterwards; `bf16_units(t)` says where it applies.
+is CUDA/XPU-only, also under torch.compile), so the operands are upcast to fp32 (exact) and multiplied in fp32,
+inside oneDNN's "bf16 math mode" for fp32 products (torch.backends.mkldnn.matmul.fp32_precision = "bf16", torch >=
+2.9), which allows oneDNN to round fp32 operands to bf16 and use bf16 kernels with fp32 accumulation. For bf16 values
+upcast to fp32 that rounding is exact, so the result is the same fp32-accumulated product either way (up to
+summation order). Whether the mode is faster depends on oneDNN's kernels for the CPU: on this project's CI machine
+(AMD EPYC with AVX512-BF16, no AMX; torch 2.13) ONEDNN_VERBOSE shows it keeps its fp32 kernel
+(`brg_matmul:avx512_core ... attr-fpmath:bf16`), so these products cost fp32 time there, while plain bf16 products
+run on `avx512_core_bf16`. `fp32_products_in_bf16` sets the mode only around a block of products; `bf16_units(t)`
+says where it applies.
 
-Where it does not (another CPU, older torch), the operands are upcast and multiplied in fp32: the same values up to
-accumulation order, slower. On CUDA, cuBLAS multiplies the 16-bit operands with out_dtype=float32.
+On CUDA, cuBLAS multiplies the 16-bit operands with out_dtype=float32.
 """
 
 import contextlib
@@ -26,9 +29,9 @@ def _cpu_has_bf16() -> bool:
 
 
 def bf16_units(t: torch.Tensor) -> bool:
-    """Whether products of the bf16 CPU tensor `t` can run on bf16 matrix units with fp32 accumulation and fp32
-    output (`fp32_products_in_bf16`): t is bf16 on the CPU, torch >= 2.9 has the oneDNN setting and the CPU has
-    bf16 units. False for every other dtype or device."""
+    """Whether `t` is a bf16 CPU tensor whose products can use oneDNN's bf16 math mode (`fp32_products_in_bf16`):
+    torch >= 2.9 has the setting and oneDNN reports bf16 support for this CPU (AVX512-BF16 or AMX-BF16). False for
+    every other dtype or device."""
     matmul = getattr(torch.backends.mkldnn, "matmul", None)
     return (t.dtype == torch.bfloat16 and t.device.type == "cpu" and hasattr(matmul, "fp32_precision")
             and torch.backends.mkldnn.is_available() and _cpu_has_bf16())
@@ -36,9 +39,10 @@ def bf16_units(t: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def fp32_products_in_bf16(on: bool = True):
-    """Inside, fp32 CPU matrix products run on bf16 units with fp32 accumulation (oneDNN's bf16 math mode): exact
-    products for operands that are bf16 values, and an fp32 operand that is not one is rounded to bf16 first.
-    Only the matmul setting changes, only inside, and it is restored after an error too. `on=False` does nothing."""
+    """Inside, oneDNN may run fp32 CPU matrix products as bf16 products with fp32 accumulation (its bf16 math mode):
+    exact for operands that are bf16 values; an fp32 operand that is not one may be rounded to bf16. Only the matmul
+    setting changes, only inside, and it is restored after an error too; it is process-wide, so products in other
+    threads meanwhile see it as well (bupo runs none). `on=False` does nothing."""
     if not on:
         yield
         return
@@ -53,7 +57,8 @@ def fp32_products_in_bf16(on: bool = True):
 
 def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor, *, weight_fp32: torch.Tensor | None = None) -> torch.Tensor:
     """hidden [N, H] @ weight [V, H]^T -> [N, V] fp32 (fp64 for fp64 inputs), accumulated in fp32 and never
-    rounded to 16 bit, on bf16 matrix units where bf16 operands and the CPU allow (see the module docstring).
+    rounded to 16 bit (16-bit CPU operands: upcast, in oneDNN's bf16 math mode where it applies; see the module
+    docstring).
 
     weight_fp32: `weight` already upcast to fp32 ([V, H]), for a caller that multiplies the same weight many times
     (a sampler's head at every decode step): the upcast then happens once, not per call. It must hold exactly

@@ -8,7 +8,10 @@ Backends for causal self-attention (training / prefill), picked per call:
   2. torch.nn.attention.varlen.varlen_attn on CUDA in fp16/bf16 for packed input;
   3. SDPA, once per packed sequence (or once for a [B, T] batch). This is the designed CPU backend;
      on CUDA it is a fallback and warns once.
-Decode (queries against a KV cache with a boolean mask) always uses SDPA.
+Masked attention (the built-in sampler's prefill and decode: queries against a KV cache with a boolean mask) uses SDPA,
+except for 16-bit tensors on a CPU while the fp32 values it holds stay within GROUPED_MAX_ELEMENTS: then plain fp32
+products per K/V head (`_grouped_fp32`), because torch's CPU SDPA kernel is several times slower in bf16 than in fp32
+at q_len 1.
 """
 
 import functools
@@ -138,18 +141,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packi
     return _sdpa_packed(q, k, v, p)
 
 
+GROUPED_MAX_ELEMENTS = 1 << 24  # fp32 elements (64 MiB) that _grouped_fp32 may hold: scores and upcast K/V
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """q [B, t, nh, hd] against k/v [B, S, nkv, hd]; mask [B, t, S] bool, True = may attend."""
-    if q.device.type == "cpu" and q.dtype in _HALF:
+    (B, t, nh, _), (S, nkv, hd) = q.shape, k.shape[1:]
+    if q.device.type == "cpu" and q.dtype in _HALF and B * S * (nh * t + 2 * nkv * hd) <= GROUPED_MAX_ELEMENTS:
         return _grouped_fp32(q, k, v, mask)
     return _sdpa(q, k, v, attn_mask=mask[:, None])
 
 
 def _grouped_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """masked_attention of 16-bit CPU tensors in fp32, by plain products per K/V head (the sampler's decode steps):
-    torch's CPU SDPA kernel is several times slower in bf16 than in fp32 at q_len 1 (4.6x measured at SmolLM2's
-    shapes, 64 rows x ~100 keys), and this is faster than either. Products of the 16-bit values are exact in fp32,
-    the softmax is fp32, and the output is rounded once, to q's dtype."""
+    """masked_attention of 16-bit CPU tensors in fp32, by plain products per K/V head. For the sampler's decode
+    steps: torch's CPU SDPA kernel is several times slower in bf16 than in fp32 at q_len 1 (4.6x measured at
+    SmolLM2's shapes, 64 rows x ~100 keys), and this is faster than either. It holds the scores [B, nh, t, S] and
+    K/V in fp32, so it is used only while those stay within GROUPED_MAX_ELEMENTS (a long prompt's prefill goes to
+    SDPA, which is faster there and never holds the scores). Products of the 16-bit values are exact in fp32, the
+    softmax is fp32, and the output is rounded once, to q's dtype."""
     B, t, nh, hd = q.shape
     S, nkv = k.shape[1], k.shape[2]
     g = nh // nkv  # query heads per K/V head: head h reads K/V head h // g, as SDPA's enable_gqa

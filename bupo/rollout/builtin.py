@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 import torch
 
-from bupo.kernels.products import bf16_units, fp32_logits
+from bupo.kernels.products import fp32_logits
 from bupo.rollout.interface import Rollout, SamplingParams
 
 
@@ -108,7 +108,9 @@ class BuiltinEngine:
         seqs = [(p, s) for p in range(len(prompts)) for s in range(params.n)]  # prompt-major
         out: list[Rollout] = []
         head = self.model.unembedding[: self.vocab_size]
-        self._head32 = head.float() if bf16_units(head) else None  # once per call: weights change between calls
+        # fp32 logits need the head in fp32 on a CPU: upcast once per call (weights change between calls)
+        self._head32 = head.float() if head.device.type == "cpu" and head.dtype in (torch.bfloat16, torch.float16) \
+            else None
         try:
             for i in range(0, len(seqs), self.max_batch_size):
                 out += self._generate_batch(prompts, seqs[i : i + self.max_batch_size], params)
@@ -155,8 +157,8 @@ class BuiltinEngine:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, H] (the last position only) -> fp32 logits [B, V] through the first V = vocab_size rows of the
         unembedding (a contiguous view: padded rows are never computed, so they can never be sampled). In a bf16
-        model the products accumulate in fp32 and the logits are never rounded to bf16 (kernels.fp32_logits, on
-        the CPU's bf16 units with the head upcast once per generate call), as the trainer's log-probs."""
+        model the products accumulate in fp32 and the logits are never rounded to bf16 (kernels.fp32_logits, with
+        the head upcast once per generate call on a CPU), as the trainer's log-probs."""
         return fp32_logits(h, self.model.unembedding[: self.vocab_size], weight_fp32=self._head32)
 
     def _prefill(self, prompts: list[list[int]], seqs: list[tuple[int, int]], params: SamplingParams, N: int):

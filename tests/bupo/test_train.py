@@ -3,6 +3,7 @@ upper layers untouched in phase one, exact resume, HF export, clear errors."""
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -354,3 +355,21 @@ def test_bf16_on_cpu_resumes_exactly_with_fp32_master_state(tiny_model, tmp_path
     # the same run in fp32 computes other numbers: the bf16 run really ran in bf16
     assert [r["entropy"] for r in rec_a] != [r["entropy"] for r in rec_32]
     assert all(math.isfinite(r["logp_mismatch"]) for r in rec_a if r["phase"] == "full")
+
+
+def test_resuming_a_run_from_before_cpu_precision_warns(tiny_model, tmp_path):
+    """A run checkpointed by a version that computed in float32 on a CPU whatever model.dtype said (its config.json
+    has no model.dtype_resolved) and resumed in bf16 gets a warning saying its later steps are bf16's."""
+    out = tmp_path / "old"
+    bf16 = {"model.dtype": "bfloat16"}
+    run(load_config(train_args(tiny_model, out, 2, **bf16)))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"].pop("dtype_resolved") == "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg))  # as the earlier version wrote it
+    with pytest.warns(UserWarning, match="computed in float32 on a CPU whatever model.dtype said; it resumes "
+                                         "computing in bfloat16"):
+        run(load_config(train_args(tiny_model, out, 3, **bf16)))
+    assert json.loads((out / "config.json").read_text())["model"]["dtype_resolved"] == "bfloat16"
+    with warnings.catch_warnings():  # recorded now: the next resume says nothing
+        warnings.simplefilter("error")
+        run(load_config(train_args(tiny_model, out, 4, **bf16)))

@@ -124,3 +124,29 @@ def test_generations_of_the_old_seeding_are_refused(tiny_chat_model, tmp_path):
     (out / "passk_settings.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match="seeding scheme 1"):
         passk.main(_args(tiny_chat_model, out))
+
+
+def test_dtype_is_a_recorded_setting(tiny_chat_model, tmp_path):
+    """--dtype is recorded resolved (auto: float32 on a CPU); a rerun must compute in the same dtype, however it is
+    spelled; a settings file from before --dtype existed stands for auto."""
+    import torch
+
+    auto = "bfloat16" if torch.cuda.is_available() else "float32"
+    out = tmp_path / "d"
+    passk.main(_args(tiny_chat_model, out, "--max-batches", "1"))
+    assert json.loads((out / "passk_settings.json").read_text())["dtype"] == auto
+    passk.main(_args(tiny_chat_model, out, "--dtype", auto, "--max-batches", "1"))  # the same dtype: accepted
+    other = "float32" if auto == "bfloat16" else "bfloat16"
+    with pytest.raises(ValueError, match=rf"'dtype': \('{auto}', '{other}'\)"):
+        passk.main(_args(tiny_chat_model, out, "--dtype", other))
+    settings = json.loads((out / "passk_settings.json").read_text())
+    del settings["dtype"]  # what a file of an earlier bupo.evals.passk holds
+    (out / "passk_settings.json").write_text(json.dumps(settings))
+    passk.main(_args(tiny_chat_model, out, "--max-batches", "1"))
+
+
+def test_bf16_generations_are_fp32_log_probs_of_a_bf16_model(tiny_chat_model, tmp_path):
+    out = tmp_path / "b"
+    passk.main(_args(tiny_chat_model, out, "--dtype", "bfloat16"))
+    assert json.loads((out / "passk_settings.json").read_text())["dtype"] == "bfloat16"
+    assert len(_rows(out)) == 4 * 3 and json.loads((out / "passk.json").read_text())["settings"]["dtype"] == "bfloat16"

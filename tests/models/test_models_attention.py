@@ -84,3 +84,22 @@ def test_16bit_masked_attention_on_cpu_within_2x_sdpa_error(dtype, t):
     err = float((got.double() - exact).abs().max())
     ref = float((attention._sdpa(q, k, v, attn_mask=mask[:, None]).double() - exact).abs().max())
     assert 0 < err <= 2 * ref, (err, ref)
+
+
+def test_16bit_masked_attention_goes_to_sdpa_past_the_memory_bound(monkeypatch):
+    """The fp32 grouped path holds scores and K/V in fp32; past GROUPED_MAX_ELEMENTS (a long prompt's prefill) the
+    call is SDPA's, exactly."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 7, n, 8, generator=g).bfloat16() for n in (4, 2, 2))
+    mask = torch.ones(2, 7, 7, dtype=torch.bool).tril()
+    need = 2 * 7 * (4 * 7 + 2 * 2 * 8)  # B S (nh t + 2 nkv hd)
+    calls = []
+    grouped = attention._grouped_fp32
+    monkeypatch.setattr(attention, "_grouped_fp32", lambda *a: calls.append(1) or grouped(*a))
+    monkeypatch.setattr(attention, "GROUPED_MAX_ELEMENTS", need)
+    attention.masked_attention(q, k, v, mask)
+    assert calls == [1]
+    monkeypatch.setattr(attention, "GROUPED_MAX_ELEMENTS", need - 1)
+    got = attention.masked_attention(q, k, v, mask)
+    assert calls == [1]
+    assert torch.equal(got, attention._sdpa(q, k, v, attn_mask=mask[:, None]))
