@@ -167,7 +167,7 @@ def layer_diagnostics(model, input_ids: torch.Tensor, k: int, *, cu_seqlens: tor
         raise ValueError("layer_diagnostics: the mask selects no positions")
     # fp32 logits, never rounded to bf16 (in a bf16 model a bf16 product would round them by up to ~0.06); a 16-bit
     # head on a CPU is upcast once here, not in every product
-    E32 = E.float() if E.device.type == "cpu" and E.dtype in (torch.bfloat16, torch.float16) else None
+    E32 = kernels.products.weight_fp32(E)
     for s in range(0, n, chunk_rows):
         logp_k = F.log_softmax(kernels.fp32_logits(hs[k][s:s + chunk_rows], E, weight_fp32=E32) / temperature,
                                dim=-1)  # [c, V]

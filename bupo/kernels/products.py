@@ -55,6 +55,14 @@ def fp32_products_in_bf16(on: bool = True):
         matmul.fp32_precision = before
 
 
+def weight_fp32(weight: torch.Tensor) -> torch.Tensor | None:
+    """A 16-bit CPU `weight` upcast to fp32 once, for fp32_logits(..., weight_fp32=) called many times with it;
+    None where fp32_logits needs no upcast copy (fp32/fp64 weights, CUDA)."""
+    if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+        return weight.float()
+    return None
+
+
 def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor, *, weight_fp32: torch.Tensor | None = None) -> torch.Tensor:
     """hidden [N, H] @ weight [V, H]^T -> [N, V] fp32 (fp64 for fp64 inputs), accumulated in fp32 and never
     rounded to 16 bit (16-bit CPU operands: upcast, in oneDNN's bf16 math mode where it applies; see the module
@@ -80,4 +88,4 @@ def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor, *, weight_fp32: torc
         return hidden.float() @ w.T
 
 
-__all__ = ["bf16_units", "fp32_products_in_bf16", "fp32_logits"]
+__all__ = ["bf16_units", "fp32_products_in_bf16", "fp32_logits", "weight_fp32"]

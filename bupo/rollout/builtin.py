@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 import torch
 
-from bupo.kernels.products import fp32_logits
+from bupo.kernels.products import fp32_logits, weight_fp32
 from bupo.rollout.interface import Rollout, SamplingParams
 
 
@@ -108,9 +108,7 @@ class BuiltinEngine:
         seqs = [(p, s) for p in range(len(prompts)) for s in range(params.n)]  # prompt-major
         out: list[Rollout] = []
         head = self.model.unembedding[: self.vocab_size]
-        # fp32 logits need the head in fp32 on a CPU: upcast once per call (weights change between calls)
-        self._head32 = head.float() if head.device.type == "cpu" and head.dtype in (torch.bfloat16, torch.float16) \
-            else None
+        self._head32 = weight_fp32(head)  # once per call, not per decode step (weights change between calls)
         try:
             for i in range(0, len(seqs), self.max_batch_size):
                 out += self._generate_batch(prompts, seqs[i : i + self.max_batch_size], params)
