@@ -43,9 +43,9 @@ import time
 
 import torch
 
+from bupo.kernels import chunked
 from bupo.kernels.linear_logprob_entropy import linear_logprob_entropy, triton
 
-_LLE = sys.modules["bupo.kernels.linear_logprob_entropy"]
 SHAPES = {"qwen3-4b": (2560, 151936), "qwen3-8b": (4096, 151936), "llama3-8b": (4096, 128256)}
 PROVIDERS = ("naive", "torch", "torch-compile", "torch-noflush", "torch-ftz", "triton", "liger", "cce", "products")
 DEFAULT_PROVIDERS = "naive,torch,torch-compile,triton,liger,cce"
@@ -95,14 +95,14 @@ def peak_allocated_bytes(fn, device: str | torch.device = "cpu", outputs=lambda:
 @contextlib.contextmanager
 def _no_flush(ftz: bool):
     """Turns the torch path's denormal guard off; with ftz, sets FTZ/DAZ on this thread for the call."""
-    old_guard, _LLE.FLUSH_BELOW = _LLE.FLUSH_BELOW, math.inf
+    old_guard, chunked.FLUSH_BELOW = chunked.FLUSH_BELOW, math.inf
     was_ftz = (torch.tensor([1e-20]) * 1e-20).item() == 0.0  # the only way to read the per-thread flag
     if ftz:
         torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        _LLE.FLUSH_BELOW = old_guard
+        chunked.FLUSH_BELOW = old_guard
         torch.set_flush_denormal(was_ftz)
 
 
@@ -126,7 +126,7 @@ def _bare_products(h: torch.Tensor, w: torch.Tensor, backward: bool):
     that dtype: bf16 in, bf16 out). Forward: z = h W^T. Backward: the recompute z, then dh += dz W and dW = dz^T h
     with the recomputed tile standing in for dz. -> (dh [N, H], dW [V, H]) or (None, None)."""
     N, V = h.shape[0], w.shape[0]
-    rows, cols = _LLE._tiles(N, V, _LLE.CHUNK_BYTES)
+    rows, cols = chunked.tiles(N, V, chunked.CHUNK_BYTES)
     buf = torch.empty(rows * cols, dtype=h.dtype, device=h.device)  # one reused tile, as the torch path's
     dh = torch.zeros_like(h) if backward else None
     dw = torch.empty_like(w) if backward else None
@@ -134,7 +134,7 @@ def _bare_products(h: torch.Tensor, w: torch.Tensor, backward: bool):
         wc = w[v0: v0 + cols]  # [Vc, H]
         for r0 in range(0, N, rows):
             hr = h[r0: r0 + rows]  # [rows, H]
-            t = torch.mm(hr, wc.T, out=_LLE._tile(buf, hr.shape[0], wc.shape[0]))  # [rows, Vc] z (dz in backward)
+            t = torch.mm(hr, wc.T, out=chunked.tile(buf, hr.shape[0], wc.shape[0]))  # [rows, Vc] z (dz in backward)
             if backward:
                 dh[r0: r0 + rows].addmm_(t, wc)
                 dwc = dw[v0: v0 + wc.shape[0]]
@@ -151,7 +151,7 @@ class _BareProducts(torch.autograd.Function):
     ([N, V] x [V, H]) and dW = dz^T h ([V, N] x [N, H]): 4 products, 8NHV, the count every provider is rated by.
     In the input dtype: bf16 products are plain bf16 torch.mm (bf16 in and out, the hardware's bare bf16 speed),
     fp32 ones fp32 (fp16 ones too run as plain torch.mm, which has no fast CPU kernel: there it is no floor, the
-    torch path converts fp16 to fp32 and is faster). Tiling: the torch path's own [rows, Vc] tiles (_tiles, V
+    torch path converts fp16 to fp32 and is faster). Tiling: the torch path's own [rows, Vc] tiles (chunked.tiles, V
     chunks outer), not one [N, V] product, because that is the fairest floor: the same GEMM shapes, and no [N, V]
     result written to memory and read back (traffic the fused path never has, which would make the floor slower
     than the products it bounds).

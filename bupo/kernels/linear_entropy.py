@@ -9,10 +9,10 @@ makes one pass over W for all of them: the V-chunk loop reads each chunk of W on
 """
 import torch
 
+from bupo.kernels import chunked
 from bupo.kernels.linear_logprob_entropy import (
     _check_inputs,
     _resolve_backend,
-    _torch_forward,
     _triton_forward,
     linear_logprob_entropy_reference,
 )
@@ -26,7 +26,7 @@ def _entropy(hidden: torch.Tensor, weight: torch.Tensor, inv_t: float, backend: 
     if backend == "triton":
         no_labels = torch.full((hidden.shape[0],), -1, dtype=torch.long, device=hidden.device)
         return _triton_forward(hidden.contiguous(), weight.contiguous(), no_labels, inv_t)[2].to(out)
-    return _torch_forward(hidden, weight, None, inv_t)[2].to(out)
+    return chunked.forward(hidden, weight, None, inv_t)[2].to(out)
 
 
 @torch.no_grad()

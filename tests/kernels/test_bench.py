@@ -10,7 +10,7 @@ import torch
 
 from bupo.kernels import bench
 
-_LLE = bench._LLE
+_LLE = bench.chunked
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bupo import kernels
+from bupo.kernels import chunked
 from bupo.kernels.linear_logprob_entropy import _INTERPRET, triton
 
 LE = sys.modules["bupo.kernels.linear_entropy"]
-M = sys.modules["bupo.kernels.linear_logprob_entropy"]
 TRITON_HERE = triton is not None and (_INTERPRET or torch.cuda.is_available())
 TRITON_DEV = "cpu" if _INTERPRET or not torch.cuda.is_available() else "cuda"
 needs_triton_here = pytest.mark.skipif(not TRITON_HERE, reason="run by test_triton_subprocess")
@@ -40,8 +40,8 @@ def check(backend, N, H, V, temperature, regime, dtype=torch.float32, device="cp
     (1, 32, 1009, 1.0, "normal"), (33, 64, 5003, 0.7, "peaked"), (17, 48, 5003, 1.3, "flat"),
     (9, 64, 1009, 1.3, "normal")])
 def test_torch_matches_reference(N, H, V, temperature, regime, monkeypatch):
-    monkeypatch.setattr(M, "TILE_COLS", 512)  # several V chunks and row tiles
-    monkeypatch.setattr(M, "CHUNK_BYTES", 512 * 4 * 4)
+    monkeypatch.setattr(chunked, "TILE_COLS", 512)  # several V chunks and row tiles
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 512 * 4 * 4)
     check("torch", N, H, V, temperature, regime)
 
 
@@ -56,8 +56,8 @@ def test_many_equals_single_calls_with_one_pass_over_weight(monkeypatch):
     w = make(1, 32, 1009)[1]
     single = [kernels.linear_entropy(h, w, temperature=0.7) for h in hs]
     calls = []
-    real = LE._torch_forward
-    monkeypatch.setattr(LE, "_torch_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = chunked.forward
+    monkeypatch.setattr(chunked, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     many = kernels.linear_entropy_many(hs, w, temperature=0.7)
     assert len(calls) == 1 and [t.shape[0] for t in many] == sizes
     for a, b in zip(many, single):

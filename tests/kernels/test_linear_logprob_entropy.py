@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bupo import kernels
+from bupo.kernels import chunked, products
 from bupo.kernels.bench import peak_allocated_bytes
 from bupo.kernels.linear_logprob_entropy import _INTERPRET, _triton_forward, tl, triton
 
@@ -74,15 +75,15 @@ CASES = [  # N, H, V, temperature, regime
 
 @pytest.mark.parametrize("N,H,V,temperature,regime", CASES)
 def test_torch_fp32_matches_reference(N, H, V, temperature, regime, monkeypatch):
-    monkeypatch.setattr(M, "TILE_COLS", 512)  # several V chunks (the last one partial) and row tiles
-    monkeypatch.setattr(M, "CHUNK_BYTES", 512 * 4 * 5)
+    monkeypatch.setattr(chunked, "TILE_COLS", 512)  # several V chunks (the last one partial) and row tiles
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 512 * 4 * 5)
     compare("torch", N, H, V, temperature, regime)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,H,V,temperature,regime", [(17, 64, 5003, 0.7, "normal"), (9, 64, 1009, 1.3, "peaked")])
 def test_torch_low_precision_within_2x_naive(N, H, V, temperature, regime, dtype, monkeypatch):
-    monkeypatch.setattr(M, "TILE_COLS", 1024)
+    monkeypatch.setattr(chunked, "TILE_COLS", 1024)
     compare("torch", N, H, V, temperature, regime, dtype)
 
 
@@ -170,7 +171,7 @@ def test_torch_memory_does_not_grow_with_n_times_v():
         saved.clear()
         act = activation_bytes(N, "torch")
         assert max(s.numel() for s in saved) <= V * H, saved  # nothing [N, V]-sized is saved for backward
-        assert act <= 2 * M.CHUNK_BYTES + 8 * N * H * 4 + (1 << 20), (N, act)  # two tiles + O(N H)
+        assert act <= 2 * chunked.CHUNK_BYTES + 8 * N * H * 4 + (1 << 20), (N, act)  # two tiles + O(N H)
         assert act < 0.15 * N * V * 4, (N, act)
     assert activation_bytes(128, "naive") > 3 * 128 * V * 4  # the probe does see materialized logits
 
@@ -292,9 +293,9 @@ def test_triton_subprocess():
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_torch_bf16_forward_is_fp32_accurate_and_leaves_matmul_precision_alone(temperature, monkeypatch):
     """bf16 h and W on the CPU: logits accumulate in fp32 and are never rounded to bf16 (on bf16 matrix units where
-    the CPU has them, M._bf16_products), so log-probs and entropies are as accurate as the fp32 path's on the same
+    the CPU has them, products.bf16_units), so log-probs and entropies are as accurate as the fp32 path's on the same
     values, far inside the naive bf16 error. The oneDNN matmul setting is back to what it was afterwards."""
-    monkeypatch.setattr(M, "TILE_COLS", 1024)
+    monkeypatch.setattr(chunked, "TILE_COLS", 1024)
     h, w, y, g_lp, g_ent = make(33, 64, 5003, "peaked", torch.bfloat16)
     before = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
     ref = run(h.double(), w.double(), y, g_lp, g_ent, temperature, "naive")
@@ -312,10 +313,10 @@ def test_torch_bf16_forward_is_fp32_accurate_and_leaves_matmul_precision_alone(t
 def test_bf16_products_are_used_where_the_cpu_has_them():
     h = torch.zeros(2, 8, dtype=torch.bfloat16)
     has_api = hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")
-    assert M._bf16_products(h) == (has_api and torch.backends.mkldnn.is_available() and M._cpu_has_bf16())
-    assert not M._bf16_products(h.float()) and not M._bf16_products(h.half())
+    assert products.bf16_units(h) == (has_api and torch.backends.mkldnn.is_available() and products._cpu_has_bf16())
+    assert not products.bf16_units(h.float()) and not products.bf16_units(h.half())
     if has_api:
-        with pytest.raises(RuntimeError), M._fp32_products_in_bf16(True):
+        with pytest.raises(RuntimeError), products.fp32_products_in_bf16(True):
             assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
             raise RuntimeError("inside")
         assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # restored after an error too
