@@ -9,9 +9,14 @@ at k = 3. `--shape qwen3-0.6b` uses Qwen3-0.6B's config instead (random weights;
 
 --dtype is the compute dtype (FSDP2's param_dtype; the master weights and AdamW stay fp32) on every device. A comma
 list times each step kind in each dtype in the same run, the dtypes' steps interleaved (one model per dtype, built
-alike), and prints per step kind the ratio bf16 / fp32 (the issue's CPU goal: full step bf16 <= 0.4x fp32):
+alike), and prints per step kind the ratio bf16 / fp32 (the issue's CPU goal: full step bf16 <= 0.4x fp32), and the
+same ratio of the full step's bare matrix products (its linear maps forward and backward, plain torch.mm in each
+dtype): the part of a step that bf16 matrix units speed up. The rest gains less or nothing on this project's CPU
+(measured: SDPA's bf16 backward slower than fp32, FSDP2's casts bf16-only work, AdamW fp32 in both), so this ratio
+is what a full step's ratio approaches from above, not a bound it cannot pass:
     bupo bench step --dtype bfloat16,float32
-Last stdout line: one JSON object (with a comma list: the per-dtype results under "by_dtype", and "ratios").
+Last stdout line: one JSON object (with a comma list: the per-dtype results under "by_dtype", "ratios", and
+"products_floor").
 """
 
 from __future__ import annotations
@@ -58,6 +63,47 @@ def make_batch(n_seqs: int, prompt_len: int, resp_len: int, vocab: int, seed: in
     return [Rollout(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
                 torch.randint(0, vocab, (resp_len,), generator=g).tolist(),
                 advantage=float(torch.randn((), generator=g))) for _ in range(n_seqs)]
+
+
+def linear_shapes(cfg: dict) -> dict[tuple[int, int], int]:
+    """{(in, out): how many linear maps of that shape} over the decoder layers and the head (the head counts twice:
+    the fused log-prob kernel's forward product and its backward's recompute)."""
+    h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    nq, nkv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    shapes: dict[tuple[int, int], int] = {}
+    for shape, n in (((h, nq), L), ((h, nkv), 2 * L), ((nq, h), L), ((h, i), 2 * L), ((i, h), L),
+                     ((h, cfg["vocab_size"]), 2)):
+        shapes[shape] = shapes.get(shape, 0) + n
+    return shapes
+
+
+def time_products(cfg: dict, tokens: int, dtypes: list[str], repeats: int, device) -> dict[str, float]:
+    """What bf16 units give a full update step's products: the bare matrix products of its linear maps for `tokens`
+    rows, forward x W^T [N, in] x [in, out] and backward dy W and dy^T x, timed with plain torch.mm in each dtype (a
+    bf16 product returns bf16: the hardware's bare bf16 speed), dtypes interleaved -> {dtype: seconds of one step's
+    products}, the median of `repeats`. Attention scores, norms, casts and the optimizer are left out."""
+    g = torch.Generator().manual_seed(0)
+    shapes = linear_shapes(cfg)
+    data = {dt: {(a, b): (torch.randn(tokens, a, generator=g).to(device, getattr(torch, dt)),  # x [N, in]
+                          torch.randn(b, a, generator=g).to(device, getattr(torch, dt)),  # W [out, in]
+                          torch.randn(tokens, b, generator=g).to(device, getattr(torch, dt)))  # dy [N, out]
+                 for a, b in shapes} for dt in dtypes}
+    times: dict[str, list[float]] = {dt: [] for dt in dtypes}
+    for _ in range(repeats + 1):  # first round is warm-up
+        for dt in dtypes:
+            total = 0.0
+            for shape, n in shapes.items():
+                x, w, dy = data[dt][shape]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                x @ w.T, dy @ w, dy.T @ x
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                total += n * (time.perf_counter() - t0)
+            times[dt].append(total)
+    return {dt: statistics.median(t[1:]) for dt, t in times.items()}
 
 
 def time_steps(runs: dict, seqs, info, layer, k, repeats: int, token_budget: int) -> dict[str, list[float]]:
@@ -151,11 +197,19 @@ def main(argv: list[str] | None = None) -> dict:
                      "full_s": med["full", dt]} for dt in dtypes}
     ratios = {f"{name}:bfloat16/float32": med[name, "bfloat16"] / med[name, "float32"]
               for name in ("phase_one", "full") if len(dtypes) == 2}
+    floor = None
+    if len(dtypes) == 2:
+        products = time_products(cfg, args.seqs * (args.prompt_len + args.resp_len), dtypes, args.repeats, info.device)
+        floor = {"bfloat16_s": products["bfloat16"], "float32_s": products["float32"],
+                 "ratio": products["bfloat16"] / products["float32"]}
     if info.is_main:
         print(f"model: {args.shape}, {args.layers} layers, H={args.hidden}, V={args.vocab}; "
               f"head = {head / (body + head):.1%} of forward FLOPs; "
               f"batch {args.seqs} x ({args.prompt_len} + {args.resp_len}) tokens; {info.device}")
         print_report(results, med, by_dtype, ratios, args.k, ideal)
+        if floor is not None:
+            print(f"full step's matrix products alone, bf16 / fp32 (bare torch.mm, this device): {floor['ratio']:.3f} "
+                  f"({floor['bfloat16_s']:.3f} s / {floor['float32_s']:.3f} s)")
     common = {"layers": args.layers, "k": args.k, "hidden": args.hidden, "vocab": args.vocab,
               "device": str(info.device), "torch": torch.__version__, "shape": args.shape}
     tokens = args.seqs * (args.prompt_len + args.resp_len)
@@ -165,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
                **common, "dtype": dtypes[0], "tokens": tokens}
     else:
         out = {"flop_ratio": ideal, **common, "dtype": args.dtype, "tokens": tokens, "by_dtype": by_dtype,
-               "ratios": ratios, "goals": {k: f"<= {bound}" for k, bound in GOALS.items() if k in ratios}}
+               "ratios": ratios, "goals": {k: f"<= {bound}" for k, bound in GOALS.items() if k in ratios},
+               "products_floor": floor}
     if info.is_main:
         print(json.dumps(out))
     parallel.destroy(wait=True)
