@@ -209,6 +209,19 @@ def _steps_text(steps: list[int]) -> str:
     return f"{steps[:8]}{'...' if len(steps) > 8 else ''}"
 
 
+def _missing_steps(logged: list[int]) -> list[int]:
+    """The first 9 steps in 1..max(logged) that are not logged (sorted `logged`): enough for _steps_text, found
+    between consecutive logged steps, so a stray step of 10^8 costs no set of 10^8 numbers."""
+    out, prev = [], 0
+    for s in logged:
+        if s >= 1:
+            out.extend(range(prev + 1, min(s, prev + 1 + 9 - len(out))))
+            if len(out) >= 9:
+                return out
+            prev = s
+    return out
+
+
 def data_notes(runs: list[Run], groups: list[Group], metrics: list[str], logged: dict[str, set[int]],
                label: list[str] | None) -> list[str]:
     """What a reader must know about the data: runs of different lengths, steps missing or logged twice, metric
@@ -220,7 +233,7 @@ def data_notes(runs: list[Run], groups: list[Group], metrics: list[str], logged:
             + " (last step logged). Per-step statistics use the runs that reached each step (n in compare.json); "
             "a run counts in a window only if it has a value at each of the window's steps.")
     for r in runs:
-        gaps = sorted(set(range(1, r.steps[-1] + 1)) - set(r.records))
+        gaps = _missing_steps(r.steps)
         if gaps:
             notes.append(f"{r.path}: steps {_steps_text(gaps)} are missing")
         if r.steps[0] < 1:

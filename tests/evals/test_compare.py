@@ -259,6 +259,14 @@ def test_a_stray_far_step_adds_one_window_and_step_zero_alone_is_an_error(tmp_pa
         cli.main([str(lone), "--out", str(tmp_path / "c2"), "--metrics", "reward_mean"])
 
 
+def test_missing_steps_of_a_stray_far_step_are_found_without_listing_them(tmp_path, capsys):
+    """A stray step of 10^12 once made compare build the set of every step up to it (9 GB at 10^8)."""
+    run = write_run(tmp_path / "r", 0, 0, [0.1, 0.2, 0.3])
+    _records(run, [{"step": s, "reward_mean": 0.1} for s in (1, 2, 4, 10**12)])
+    cli.main([str(run), "--out", str(tmp_path / "c"), "--window", "5", "--metrics", "reward_mean"])
+    assert f"{run}: steps [3, 5, 6, 7, 8, 9, 10, 11]... are missing" in capsys.readouterr().err
+
+
 def test_labels_with_table_and_math_characters_are_drawn_and_tabulated(tmp_path):
     runs = []
     for s, tpl in enumerate(["{{ m|first }}`x`", "cost $\\frac$ | $y$"]):
