@@ -134,6 +134,9 @@ class VLLMEngine:
     gpu_memory_utilization sizes it). enforce_eager: None = eager on CPU (torch.compile start-up costs more than it
     saves on the small CPU runs), CUDA graphs on GPUs. max_model_len is capped at the model's
     max_position_embeddings (vLLM refuses more; a longer sequence is then vLLM's error at generate).
+    A 16-bit engine runs its head in fp32 (vLLM's `head_dtype` model override, vllm >= 0.31: on CUDA a 16-bit product
+    with an fp32 result, elsewhere both operands cast to fp32), so its logits are never rounded to 16 bit, as the
+    trainer's are not; an `hf_overrides` dict that sets head_dtype itself wins (a callable one is passed as is).
     ImportError when vllm is missing; ValueError when vLLM has no platform here or for bad arguments.
     """
 
@@ -167,6 +170,10 @@ class VLLMEngine:
             # vllm/platforms/cpu.py reads it when the engine is configured: kv_cache_memory_bytes = GiB * 2**30
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kvcache_gib)
         _launcher_env()
+        overrides = engine_kwargs.get("hf_overrides")
+        if self.dtype in (torch.bfloat16, torch.float16) and (overrides is None or isinstance(overrides, dict)):
+            # ModelConfig.head_dtype reads hf_config.head_dtype; a callable hf_overrides is left as given
+            engine_kwargs["hf_overrides"] = {"head_dtype": "float32", **(overrides or {})}
         # vllm.LLM(...) (vllm.entrypoints.llm.LLM): external_launcher = one worker inside this torchrun process
         # (vllm.v1.executor ExecutorWithExternalLauncher, env:// rendezvous from RANK/LOCAL_RANK); enable_sleep_mode
         # = CuMem-tagged allocations that sleep()/wake_up(tags) release; logprobs_mode (EngineArgs field;

@@ -62,6 +62,7 @@ def run_worker(tmp_path: Path, name: str, nproc: int = 1, tp: int = 1, dtype: st
 
 def check(res: dict) -> None:
     assert res["rng_kept"], "vLLM's start changed the host RNG streams"
+    assert res["head_dtype"] == "torch.float32"  # the model dtype (fp32 runs) or the fp32 head (16-bit runs)
     assert res["tokens"] == 3 * 2 * 12  # no stop ids: every sample has max_new_tokens tokens
     for key in ("start", "start_t07", "full_sync", "phase_one", "after_refused"):
         assert res[key] <= TOL, (key, res[key])
@@ -81,12 +82,16 @@ def test_sampler_logprobs_equal_the_trainers_across_syncs(tmp_path, name):
 def test_bf16_engine_within_2x_plain_bf16_error_across_syncs(tmp_path):
     """vLLM in bf16 (the trainer's compute dtype with model.dtype=bfloat16; weights synced as bf16): its sampling
     log-probs against the fp32 model's are within 2x the error of a plain bf16 model (logits rounded to bf16) on the
-    same tokens, at the start, after a full sync and after a phase-one sync; without a sync they are far off."""
+    same tokens, at the start, after a full sync and after a phase-one sync; without a sync they are far off. Its head
+    runs in fp32 (logits never rounded to bf16, as the trainer's), and the errors are within 2x those of the bf16
+    model with fp32 logits too."""
     (res,) = run_worker(tmp_path, "llama_untied", dtype="bfloat16")
     print(res)
+    assert res["head_dtype"] == "torch.float32"
     naive = {int(k): v for k, v in res["naive"].items()}
+    exact = {int(k): v for k, v in res["fp32_logits"].items()}
     for key, seed in (("start", 1), ("start_t07", 2), ("full_sync", 3), ("phase_one", 4), ("after_refused", 5)):
-        assert 0 < res[key] <= 2 * naive[seed], (key, res[key], naive[seed])
+        assert 0 < res[key] <= 2 * min(naive[seed], exact[seed]), (key, res[key], naive[seed], exact[seed])
     assert res["stale_full"] > 10 * naive[3] and res["stale_phase_one"] > 10 * naive[4], res
     assert res["partial_error"] and "'model.layers.0.self_attn.v_proj.weight' is missing" in res["partial_error"]
 

@@ -34,12 +34,14 @@ def rng_draw() -> list:
 
 
 NAIVE: dict[float, float] = {}  # bf16 runs: the plain bf16 model's error at each check, by its sampling seed
+FP32_LOGITS: dict[float, float] = {}  # the same with fp32 logits from the bf16 model (the trainer's bf16 kernel)
 
 
 def max_diff(engine, model, prompts: list[list[int]], temperature: float, seed: int) -> tuple[float, int]:
     """max |sampler - trainer| log-prob over all response tokens of the samples, and the number of tokens. The
     trainer's model is fp32; with a bf16 engine NAIVE[seed] gets the error of a plain bf16 copy of the model (logits
-    rounded to bf16) against it on the same tokens, the scale the bf16 checks are measured in."""
+    rounded to bf16) against it on the same tokens, the scale the bf16 checks are measured in, and FP32_LOGITS[seed]
+    that of the same bf16 model with fp32 logits (the fused kernel's "torch" backend, as the trainer computes)."""
     params = SamplingParams(n=2, temperature=temperature, max_new_tokens=12, seed=seed)
     samples = engine.generate(prompts, params)
     trainer = torch.cat(compute_logprobs(model, samples, layer=None, norm=False, temperature=temperature,
@@ -53,7 +55,10 @@ def max_diff(engine, model, prompts: list[list[int]], temperature: float, seed: 
             h = plain.hidden_states(packed.input_ids, layer=None, cu_seqlens=packed.cu_seqlens)[0, packed.resp_pos]
             naive, _ = linear_logprob_entropy(h, plain.unembedding, packed.labels, temperature=temperature,
                                               backend="naive")
+            exact, _ = linear_logprob_entropy(h, plain.unembedding, packed.labels, temperature=temperature,
+                                              backend="torch")
         NAIVE[seed] = float((naive.float() - trainer).abs().max())
+        FP32_LOGITS[seed] = float((exact - trainer).abs().max())
     return float((trainer - sampler).abs().max()), len(sampler)
 
 
@@ -85,6 +90,8 @@ def main() -> None:
     engine = VLLMEngine(args.model_dir, seed=0, dtype=getattr(torch, args.dtype), tensor_parallel_size=args.tp,
                         max_model_len=256, cpu_kvcache_gib=1, bucket_bytes=64 * 1024)
     res["rng_kept"] = rng_draw() == expected
+    # the dtype vLLM's LogitsProcessor projects the head in (vllm >= 0.31 reads ModelConfig.head_dtype into it)
+    res["head_dtype"] = str(engine.llm.apply_model(lambda m: m.logits_processor.head_dtype)[0])
     model = models.load_pretrained(args.model_dir, dtype=torch.float32)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(rank if args.tp == 1 else 0)  # TP ranks of one engine send equal prompts
@@ -113,6 +120,7 @@ def main() -> None:
         res["partial_error"] = str(e)
     res["after_refused"], _ = max_diff(engine, model, prompts, 1.0, seed=5)
     res["naive"] = {str(k): v for k, v in NAIVE.items()}
+    res["fp32_logits"] = {str(k): v for k, v in FP32_LOGITS.items()}
     print(json.dumps(res), flush=True)
     with open(args.out if rank == 0 else f"{args.out}.{rank}", "w") as f:
         json.dump(res, f)
