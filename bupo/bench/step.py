@@ -10,19 +10,21 @@ at k = 3. `--shape qwen3-0.6b` uses Qwen3-0.6B's config instead (random weights;
 --dtype is the compute dtype (FSDP2's param_dtype; the master weights and AdamW stay fp32) on every device. A comma
 list times each step kind in each dtype in the same run, the dtypes' steps interleaved (one model per dtype, built
 alike), and prints per step kind the ratio bf16 / fp32 (the issue's CPU goal: full step bf16 <= 0.4x fp32), and the
-same ratio of the full step's bare matrix products (its linear maps forward and backward, plain torch.mm in each
-dtype): the part of a step that bf16 matrix units speed up. The rest gains less or nothing on this project's CPU
-(measured: SDPA's bf16 backward slower than fp32, FSDP2's casts bf16-only work, AdamW fp32 in both), so this ratio
-is what a full step's ratio approaches from above, not a bound it cannot pass:
+same ratio of the bare matrix products of a full step's decoder layers (their linear maps forward and backward,
+plain torch.mm in each dtype, timed after the steps): what the device's bf16 units give the bulk of a step's FLOPs.
+It is no bound: the rest of a step (the head's fused kernel, attention, norms, FSDP2's casts, AdamW on the fp32
+masters) scales differently, and on this project's CPU gains less in bf16 or loses (SDPA's bf16 backward is slower
+than its fp32 one, the casts are bf16-only work, AdamW is fp32 in both):
     bupo bench step --dtype bfloat16,float32
 Last stdout line: one JSON object (with a comma list: the per-dtype results under "by_dtype", "ratios", and
-"products_floor").
+"layer_products").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -65,45 +67,56 @@ def make_batch(n_seqs: int, prompt_len: int, resp_len: int, vocab: int, seed: in
                 advantage=float(torch.randn((), generator=g))) for _ in range(n_seqs)]
 
 
-def linear_shapes(cfg: dict) -> dict[tuple[int, int], int]:
-    """{(in, out): how many linear maps of that shape} over the decoder layers and the head (the head counts twice:
-    the fused log-prob kernel's forward product and its backward's recompute)."""
+def layer_shapes(cfg: dict) -> dict[tuple[int, int], int]:
+    """{(in, out): how many linear maps of that shape} over the decoder layers (q, k, v, o, gate, up, down)."""
     h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     nq, nkv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
     shapes: dict[tuple[int, int], int] = {}
-    for shape, n in (((h, nq), L), ((h, nkv), 2 * L), ((nq, h), L), ((h, i), 2 * L), ((i, h), L),
-                     ((h, cfg["vocab_size"]), 2)):
+    for shape, n in (((h, nq), L), ((h, nkv), 2 * L), ((nq, h), L), ((h, i), 2 * L), ((i, h), L)):
         shapes[shape] = shapes.get(shape, 0) + n
     return shapes
 
 
-def time_products(cfg: dict, tokens: int, dtypes: list[str], repeats: int, device) -> dict[str, float]:
-    """What bf16 units give a full update step's products: the bare matrix products of its linear maps for `tokens`
-    rows, forward x W^T [N, in] x [in, out] and backward dy W and dy^T x, timed with plain torch.mm in each dtype (a
-    bf16 product returns bf16: the hardware's bare bf16 speed), dtypes interleaved -> {dtype: seconds of one step's
-    products}, the median of `repeats`. Attention scores, norms, casts and the optimizer are left out."""
+def time_layer_products(cfg: dict, tokens: int, dtypes: list[str], repeats: int, device) -> dict[str, float]:
+    """What bf16 units give a full update step's decoder layers: the bare matrix products of their linear maps for
+    `tokens` rows, forward x W^T ([N, in] x [in, out]) and backward dy W and dy^T x, as plain torch.mm in each dtype
+    (a bf16 product returns bf16: the hardware's bare bf16 speed), dtypes interleaved -> {dtype: seconds of one step's
+    layer products}, the median of `repeats` rounds. Each shape runs enough times per round for ~10 ms (sized in a
+    warm-up round), so small models time more than clock noise. The head is left out (its products run in the fused
+    kernel, whose logit products return fp32: `bupo bench kernels` times them), as are attention scores, norms,
+    FSDP2's casts and the optimizer."""
     g = torch.Generator().manual_seed(0)
-    shapes = linear_shapes(cfg)
+    shapes = layer_shapes(cfg)
     data = {dt: {(a, b): (torch.randn(tokens, a, generator=g).to(device, getattr(torch, dt)),  # x [N, in]
                           torch.randn(b, a, generator=g).to(device, getattr(torch, dt)),  # W [out, in]
                           torch.randn(tokens, b, generator=g).to(device, getattr(torch, dt)))  # dy [N, out]
                  for a, b in shapes} for dt in dtypes}
+    calls = dict.fromkeys(shapes, 1)  # per shape: calls per timing, set in the warm-up round
     times: dict[str, list[float]] = {dt: [] for dt in dtypes}
-    for _ in range(repeats + 1):  # first round is warm-up
+    for r in range(repeats + 1):
         for dt in dtypes:
             total = 0.0
             for shape, n in shapes.items():
                 x, w, dy = data[dt][shape]
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                x @ w.T, dy @ w, dy.T @ x
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                total += n * (time.perf_counter() - t0)
+                seconds = _timed(lambda: (x @ w.T, dy @ w, dy.T @ x), calls[shape], device)
+                if r == 0:
+                    calls[shape] = max(calls[shape], math.ceil(0.01 / max(seconds, 1e-7)))
+                total += n * seconds
             times[dt].append(total)
     return {dt: statistics.median(t[1:]) for dt, t in times.items()}
+
+
+def _timed(fn, calls: int, device) -> float:
+    """Seconds per call of fn, over `calls` calls (CUDA: synchronized)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls
 
 
 def time_steps(runs: dict, seqs, info, layer, k, repeats: int, token_budget: int) -> dict[str, list[float]]:
@@ -165,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="bfloat16",
                    help="compute dtype on every device (FSDP2 param_dtype; master weights fp32): bfloat16 or "
                         "float32, or the comma list bfloat16,float32 to time both in one run with bf16/fp32 ratios "
+                        "and the ratio of the decoder layers' bare matrix products (a few seconds more) "
                         "(on a CPU without bf16 units bf16 is emulated and slow)")
     args = p.parse_args(argv)
     dtypes = args.dtype.split(",")
@@ -197,19 +211,20 @@ def main(argv: list[str] | None = None) -> dict:
                      "full_s": med["full", dt]} for dt in dtypes}
     ratios = {f"{name}:bfloat16/float32": med[name, "bfloat16"] / med[name, "float32"]
               for name in ("phase_one", "full") if len(dtypes) == 2}
-    floor = None
+    layers = None
     if len(dtypes) == 2:
-        products = time_products(cfg, args.seqs * (args.prompt_len + args.resp_len), dtypes, args.repeats, info.device)
-        floor = {"bfloat16_s": products["bfloat16"], "float32_s": products["float32"],
-                 "ratio": products["bfloat16"] / products["float32"]}
+        products = time_layer_products(cfg, args.seqs * (args.prompt_len + args.resp_len), dtypes, args.repeats,
+                                       info.device)
+        layers = {"bfloat16_s": products["bfloat16"], "float32_s": products["float32"],
+                  "ratio": products["bfloat16"] / products["float32"]}
     if info.is_main:
         print(f"model: {args.shape}, {args.layers} layers, H={args.hidden}, V={args.vocab}; "
               f"head = {head / (body + head):.1%} of forward FLOPs; "
               f"batch {args.seqs} x ({args.prompt_len} + {args.resp_len}) tokens; {info.device}")
         print_report(results, med, by_dtype, ratios, args.k, ideal)
-        if floor is not None:
-            print(f"full step's matrix products alone, bf16 / fp32 (bare torch.mm, this device): {floor['ratio']:.3f} "
-                  f"({floor['bfloat16_s']:.3f} s / {floor['float32_s']:.3f} s)")
+        if layers is not None:
+            print(f"decoder layers' matrix products alone (bare torch.mm, forward and backward), bf16 / fp32: "
+                  f"{layers['ratio']:.3f} ({layers['bfloat16_s']:.4g} s / {layers['float32_s']:.4g} s)")
     common = {"layers": args.layers, "k": args.k, "hidden": args.hidden, "vocab": args.vocab,
               "device": str(info.device), "torch": torch.__version__, "shape": args.shape}
     tokens = args.seqs * (args.prompt_len + args.resp_len)
@@ -220,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         out = {"flop_ratio": ideal, **common, "dtype": args.dtype, "tokens": tokens, "by_dtype": by_dtype,
                "ratios": ratios, "goals": {k: f"<= {bound}" for k, bound in GOALS.items() if k in ratios},
-               "products_floor": floor}
+               "layer_products": layers}
     if info.is_main:
         print(json.dumps(out))
     parallel.destroy(wait=True)

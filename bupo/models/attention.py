@@ -165,8 +165,8 @@ def _grouped_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     qf = q.float().view(B, t, nkv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * t, hd)  # [B, nkv, g t, hd]
     # K and V upcast straight into the layouts the products read: one copy each (upcasting first, then letting the
     # product make the permuted tensor contiguous, copied them twice and took ~2x as long at decode shapes)
-    kt = torch.empty(B, nkv, hd, S, device=k.device).copy_(k.permute(0, 2, 3, 1))  # [B, nkv, hd, S] fp32
-    vf = torch.empty(B, nkv, S, hd, device=v.device).copy_(v.transpose(1, 2))  # [B, nkv, S, hd] fp32
+    kt = torch.empty(B, nkv, hd, S, dtype=torch.float32, device=k.device).copy_(k.permute(0, 2, 3, 1))  # [B,nkv,hd,S]
+    vf = torch.empty(B, nkv, S, hd, dtype=torch.float32, device=v.device).copy_(v.transpose(1, 2))  # [B, nkv, S, hd]
     scores = qf @ kt * hd**-0.5  # [B, nkv, g t, S]
     scores = scores.view(B, nkv, g, t, S).masked_fill(~mask[:, None, None], -math.inf).softmax(-1)
     o = scores.view(B, nkv, g * t, S) @ vf  # [B, nkv, g t, hd]

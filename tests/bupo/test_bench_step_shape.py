@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bupo.bench.step import SHAPES, flops_per_token, linear_shapes, main
+from bupo.bench.step import SHAPES, flops_per_token, layer_shapes, main
 from bupo.models.hf_io import _build_meta
 
 
@@ -35,18 +35,18 @@ def test_dtype_list_times_both_dtypes_with_ratios():
     assert set(out["ratios"]) == {"phase_one:bfloat16/float32", "full:bfloat16/float32"}
     assert all(math.isfinite(v) and v > 0 for v in out["ratios"].values())
     assert out["goals"] == {"full:bfloat16/float32": "<= 0.4"}
-    floor = out["products_floor"]
-    assert floor["bfloat16_s"] > 0 and floor["float32_s"] > 0
-    assert floor["ratio"] == pytest.approx(floor["bfloat16_s"] / floor["float32_s"])
+    layers = out["layer_products"]
+    assert layers["bfloat16_s"] > 0 and layers["float32_s"] > 0
+    assert layers["ratio"] == pytest.approx(layers["bfloat16_s"] / layers["float32_s"])
 
 
-def test_products_floor_counts_every_linear_map_of_a_full_step():
+def test_layer_products_are_every_linear_map_of_the_decoder_layers():
     cfg = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4,
            "num_key_value_heads": 2, "vocab_size": 100}
-    shapes = linear_shapes(cfg)
-    assert shapes == {(64, 64): 6, (64, 32): 6, (64, 192): 6, (192, 64): 3, (64, 100): 2}  # q and o are both 64 x 64
-    body, head = flops_per_token(cfg)  # forward FLOPs per token: the floor times the same maps (head: + recompute)
-    assert sum(2 * a * b * n for (a, b), n in shapes.items()) == body + 2 * head
+    shapes = layer_shapes(cfg)
+    assert shapes == {(64, 64): 6, (64, 32): 6, (64, 192): 6, (192, 64): 3}  # q and o are both 64 x 64
+    body, _ = flops_per_token(cfg)  # forward FLOPs per token of the decoder layers: the same maps
+    assert sum(2 * a * b * n for (a, b), n in shapes.items()) == body
 
 
 def test_bf16_is_honoured_on_the_cpu_and_single_dtype_keys_stay():

@@ -274,6 +274,21 @@ def test_sync_weights_feeds_the_engine_hf_names_in_buckets(fake_vllm, tmp_path, 
     assert len(loads) > 1
 
 
+def test_16bit_engine_runs_its_head_in_fp32(fake_vllm, tmp_path):
+    """vLLM's head_dtype model override (hf_overrides): fp32 for a 16-bit engine, merged into a user's dict without
+    changing it; a user's own head_dtype wins; a callable is passed as is; an fp32 engine gets none."""
+    assert _engine(tmp_path).llm.kwargs["hf_overrides"] == {"head_dtype": "float32"}
+    assert _engine(tmp_path, dtype=torch.float16).llm.kwargs["hf_overrides"] == {"head_dtype": "float32"}
+    assert "hf_overrides" not in _engine(tmp_path, dtype=torch.float32).llm.kwargs
+    mine = {"rope_theta": 5.0}
+    merged = _engine(tmp_path, hf_overrides=mine).llm.kwargs["hf_overrides"]
+    assert merged == {"head_dtype": "float32", "rope_theta": 5.0}
+    assert mine == {"rope_theta": 5.0}
+    assert _engine(tmp_path, hf_overrides={"head_dtype": "model"}).llm.kwargs["hf_overrides"] == {"head_dtype": "model"}
+    fn = lambda cfg: cfg  # noqa: E731
+    assert _engine(tmp_path, hf_overrides=fn).llm.kwargs["hf_overrides"] is fn
+
+
 def test_cpu_platform_no_sleep_mode_kv_cache_and_eager(fake_vllm, tmp_path):
     fake_vllm.platforms.current_platform = _FakePlatform("cpu")
     eng = _engine(tmp_path, cpu_kvcache_gib=2)

@@ -86,6 +86,23 @@ def test_16bit_masked_attention_on_cpu_within_2x_sdpa_error(dtype, t):
     assert 0 < err <= 2 * ref, (err, ref)
 
 
+def test_16bit_masked_attention_ignores_the_default_dtype():
+    """The grouped path computes in fp32 whatever torch.get_default_dtype() says (a caller's fp64 default once made
+    its fp32 products meet fp64 buffers)."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 1, n, 8, generator=g).bfloat16() for n in (4, 2, 2))
+    mask = torch.ones(2, 1, 5, dtype=torch.bool)
+    k, v = torch.cat([k] * 5, 1), torch.cat([v] * 5, 1)  # [2, 5, 2, 8]
+    want = attention.masked_attention(q, k, v, mask)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = attention.masked_attention(q, k, v, mask)
+    finally:
+        torch.set_default_dtype(before)
+    assert torch.equal(got, want)
+
+
 def test_16bit_masked_attention_goes_to_sdpa_past_the_memory_bound(monkeypatch):
     """The fp32 grouped path holds scores and K/V in fp32; past GROUPED_MAX_ELEMENTS (a long prompt's prefill) the
     call is SDPA's, exactly."""
