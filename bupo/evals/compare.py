@@ -209,17 +209,16 @@ def _steps_text(steps: list[int]) -> str:
     return f"{steps[:8]}{'...' if len(steps) > 8 else ''}"
 
 
-def _missing_steps(logged: list[int]) -> list[int]:
-    """The first 9 steps in 1..max(logged) that are not logged (sorted `logged`): enough for _steps_text, found
+def _missing_steps(logged: list[int]) -> tuple[list[int], int]:
+    """(the first 9 steps in 1..max(logged) that are not logged, how many are not) for sorted `logged`: found
     between consecutive logged steps, so a stray step of 10^8 costs no set of 10^8 numbers."""
-    out, prev = [], 0
+    out, count, prev = [], 0, 0
     for s in logged:
         if s >= 1:
             out.extend(range(prev + 1, min(s, prev + 1 + 9 - len(out))))
-            if len(out) >= 9:
-                return out
+            count += s - prev - 1
             prev = s
-    return out
+    return out, count
 
 
 def data_notes(runs: list[Run], groups: list[Group], metrics: list[str], logged: dict[str, set[int]],
@@ -233,9 +232,10 @@ def data_notes(runs: list[Run], groups: list[Group], metrics: list[str], logged:
             + " (last step logged). Per-step statistics use the runs that reached each step (n in compare.json); "
             "a run counts in a window only if it has a value at each of the window's steps.")
     for r in runs:
-        gaps = _missing_steps(r.steps)
+        gaps, n_gaps = _missing_steps(r.steps)
         if gaps:
-            notes.append(f"{r.path}: steps {_steps_text(gaps)} are missing")
+            notes.append(f"{r.path}: steps {_steps_text(gaps)} are missing" + (f" ({n_gaps} in all)" if n_gaps > 8
+                                                                                  else ""))
         if r.steps[0] < 1:
             notes.append(f"{r.path}: records with step < 1 ({_steps_text([s for s in r.steps if s < 1])}) are in no "
                          "window (training steps count from 1)")
