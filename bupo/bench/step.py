@@ -32,6 +32,7 @@ import torch
 
 from bupo import checkpoint, cli, models, parallel
 from bupo.config import AlgoConfig
+from bupo.kernels.bench import timed
 from bupo.rollout.interface import Rollout
 from bupo.update import is_phase_one_param, update_policy
 
@@ -99,24 +100,13 @@ def time_layer_products(cfg: dict, tokens: int, dtypes: list[str], repeats: int,
             total = 0.0
             for shape, n in shapes.items():
                 x, w, dy = data[dt][shape]
-                seconds = _timed(lambda: (x @ w.T, dy @ w, dy.T @ x), calls[shape], device)
+                k = calls[shape]
+                seconds = timed(lambda: [(x @ w.T, dy @ w, dy.T @ x) for _ in range(k)], device) / k
                 if r == 0:
                     calls[shape] = max(calls[shape], math.ceil(0.01 / max(seconds, 1e-7)))
                 total += n * seconds
             times[dt].append(total)
     return {dt: statistics.median(t[1:]) for dt, t in times.items()}
-
-
-def _timed(fn, calls: int, device) -> float:
-    """Seconds per call of fn, over `calls` calls (CUDA: synchronized)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls
 
 
 def time_steps(runs: dict, seqs, info, layer, k, repeats: int, token_budget: int) -> dict[str, list[float]]:
