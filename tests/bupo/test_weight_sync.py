@@ -166,7 +166,8 @@ _TWO_RANKS = textwrap.dedent("""
             torch.testing.assert_close(t, ref[n].to(torch.bfloat16), rtol=0, atol=0)
     if info.rank == 0:
         open(sys.argv[1], "w").write(str(sent))
-    parallel.destroy()
+    parallel.destroy(wait=True)
+    parallel.exit_process()  # as every finished torchrun worker: gloo's threads can abort the interpreter's teardown
 """)
 
 
